@@ -1,0 +1,1 @@
+"""LLaVA inference: SceneDescription models, the msgpack cache and the llama.cpp engine."""

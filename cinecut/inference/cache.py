@@ -1,0 +1,235 @@
+"""The SceneDescription cache ``<stem>.scenedesc.msgpack``: upstream's format, read without trusting it.
+
+Layout (upstream's, keys in this order)::
+
+    {"metadata": {"source_file": str, "mtime": float, "size": int},
+     "results": [{"record": {...KeyframeRecord}, "description": {...SceneDescription} | None}, ...]}
+
+Valid means metadata ``mtime``/``size`` equal the film's current ``os.stat`` exactly. Every reader here is
+bounded: a hostile file (a 4 GB string header, a billion-entry array, garbage, a symlink, a FIFO) is a
+miss, never a crash, a hang or a large allocation.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import msgpack
+
+from cinecut import safefs
+from cinecut.checkpoint import ensure_work_dir
+from cinecut.inference.models import SceneDescription
+from cinecut.models import KeyframeRecord
+from cinecut.stamp import SourceStamp
+from cinecut.workdir import CACHE_TMP_SUFFIX, WorkDir, as_work_dir
+
+Result = tuple[KeyframeRecord, SceneDescription | None]
+
+#: A real cache is ~0.5-1.5 MB for 1,000-3,000 keyframes; 64 MiB leaves room for extreme films.
+MAX_CACHE_BYTES: Final = 64 << 20
+MAX_RESULTS: Final = 200_000
+_MAX_STR: Final = 1 << 16
+_HEADER_BUFFER: Final = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class CacheMetadata:
+    """The cache's leading metadata entry: which film state the results describe."""
+
+    source_file: str
+    mtime: float
+    size: int
+
+    @property
+    def stamp(self) -> SourceStamp:
+        return SourceStamp(self.mtime, self.size)
+
+    @classmethod
+    def from_obj(cls, obj: object) -> CacheMetadata:
+        if not isinstance(obj, dict) or set(obj) != {"source_file", "mtime", "size"}:
+            raise ValueError("metadata must have exactly source_file, mtime, size")
+        src, mtime, size = obj["source_file"], obj["mtime"], obj["size"]
+        if not isinstance(src, str):
+            raise ValueError("metadata.source_file must be a string")
+        if isinstance(mtime, bool) or not isinstance(mtime, int | float):
+            raise ValueError("metadata.mtime must be a number")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError("metadata.size must be a non-negative integer")
+        return cls(src, float(mtime), size)
+
+
+class CacheState(enum.StrEnum):
+    VALID = "valid"
+    STALE = "stale"
+    MISSING = "missing"
+    CORRUPT = "corrupt"
+
+
+def cache_path(source_file: str | os.PathLike[str], work_dir: WorkDir | str | os.PathLike[str]) -> Path:
+    """Path of the cache for ``source_file`` in ``work_dir``."""
+    return as_work_dir(work_dir, source_file).cache_path
+
+
+def encode_cache(results: Iterable[Result], source_file: str, stamp: SourceStamp) -> bytes:
+    """Pack results exactly as upstream does (``use_bin_type=True``, metadata first)."""
+    payload = {
+        "metadata": {"source_file": source_file, "mtime": float(stamp.mtime), "size": int(stamp.size)},
+        "results": [
+            {"record": rec.to_dict(), "description": desc.to_dict() if desc is not None else None}
+            for rec, desc in results
+        ],
+    }
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def save_cache(
+    results: Sequence[Result],
+    source_file: str | os.PathLike[str],
+    work_dir: WorkDir | str | os.PathLike[str],
+    *,
+    stamp: SourceStamp | None = None,
+) -> Path:
+    """Atomically write the cache (mkstemp-style temp ``*.cache.tmp`` in the work dir, fsync, rename).
+
+    ``stamp`` is the film's stamp taken BEFORE its frames were read; default: its stamp now. Results
+    computed from a film that changed since must never be saved under a stamp they do not match: callers
+    that read the film for a long time pass the stamp they started from and re-check it.
+    """
+    wd = as_work_dir(work_dir, source_file)
+    src = os.path.abspath(source_file)
+    st = stamp if stamp is not None else SourceStamp.of(src)
+    data = encode_cache(results, src, st)
+    ensure_work_dir(wd)
+    with safefs.work_dir_fd(wd.path) as fd:
+        safefs.atomic_write(fd, wd.cache_name, data, tmp_suffix=CACHE_TMP_SUFFIX)
+    return wd.cache_path
+
+
+def _unpack_limits(data_len: int) -> dict[str, int]:
+    return {
+        "max_str_len": min(data_len, MAX_CACHE_BYTES),
+        "max_bin_len": min(data_len, MAX_CACHE_BYTES),
+        "max_array_len": min(data_len, MAX_RESULTS),
+        "max_map_len": min(data_len, 64),
+        "max_ext_len": 0,
+    }
+
+
+def decode_cache(data: bytes) -> tuple[CacheMetadata, list[Result]]:
+    """Decode and strictly validate cache bytes; ValueError on anything upstream could not load."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False, **_unpack_limits(len(data)))
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
+        raise ValueError(f"not a msgpack cache: {exc}") from exc
+    except RecursionError as exc:
+        raise ValueError("msgpack nesting too deep") from exc
+    if not isinstance(obj, dict) or set(obj) != {"metadata", "results"}:
+        raise ValueError("top level must be a map with exactly metadata and results")
+    meta = CacheMetadata.from_obj(obj["metadata"])
+    raw_results = obj["results"]
+    if not isinstance(raw_results, list):
+        raise ValueError("results must be an array")
+    results: list[Result] = []
+    for i, item in enumerate(raw_results):
+        if not isinstance(item, dict) or set(item) != {"record", "description"}:
+            raise ValueError(f"results[{i}] must have exactly record and description")
+        rec = KeyframeRecord.from_dict(item["record"])
+        desc = None if item["description"] is None else SceneDescription.from_dict(item["description"])
+        results.append((rec, desc))
+    return meta, results
+
+
+def read_cache_file(path: str | os.PathLike[str]) -> tuple[CacheMetadata, list[Result]]:
+    """Read and decode a cache file (no stamp check); OSError/ValueError on failure."""
+    p = Path(path)
+    with safefs.dir_fd(p.parent, follow_last=True) as fd:
+        data = safefs.read_bounded(fd, p.name, MAX_CACHE_BYTES)
+    return decode_cache(data)
+
+
+def load_cache(
+    source_file: str | os.PathLike[str], work_dir: WorkDir | str | os.PathLike[str]
+) -> list[Result] | None:
+    """The cached results if the cache matches the film's current ``mtime`` and ``size``; else None.
+
+    None covers a miss, a stale cache, a corrupt or hostile file and an unreadable film. Never raises.
+    """
+    try:
+        current = SourceStamp.of(source_file)
+        meta, results = read_cache_file(cache_path(source_file, work_dir))
+    except (OSError, ValueError):
+        return None
+    return results if meta.stamp == current else None
+
+
+def read_cache_metadata(path: str | os.PathLike[str]) -> CacheMetadata | None:
+    """Read only the leading ``metadata`` entry with a streaming unpacker; ``results`` is never unpacked.
+
+    Costs a few microseconds whatever the cache's size, because upstream packs ``metadata`` first. None on
+    a missing, symlinked, truncated or hostile file.
+    """
+    p = Path(path)
+    try:
+        with safefs.dir_fd(p.parent, follow_last=True) as dfd:
+            fd = safefs.open_regular(dfd, p.name)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            return stream_metadata(f)
+    except Exception:  # any decoding failure of hostile bytes is a miss
+        return None
+
+
+def stream_metadata(f: Any) -> CacheMetadata | None:
+    unpacker = msgpack.Unpacker(
+        f,
+        read_size=4096,
+        max_buffer_size=_HEADER_BUFFER,
+        raw=False,
+        strict_map_key=False,
+        max_str_len=_MAX_STR,
+        max_bin_len=_MAX_STR,
+        max_array_len=_MAX_STR,
+        max_map_len=64,
+        max_ext_len=0,
+    )
+    n = unpacker.read_map_header()
+    for _ in range(min(n, 2)):
+        key = unpacker.unpack()
+        if key == "metadata":
+            return CacheMetadata.from_obj(unpacker.unpack())
+        return None  # upstream always packs metadata first; anything else is not its cache
+    return None
+
+
+def cache_state(
+    source_file: str | os.PathLike[str],
+    work_dir: WorkDir | str | os.PathLike[str],
+    *,
+    stamp: SourceStamp | None = None,
+) -> tuple[CacheState, CacheMetadata | None]:
+    """Header-only validity: compare the cache's metadata with ``stamp`` (default: the film's stat now)."""
+    path = cache_path(source_file, work_dir)
+    if not os.path.lexists(path):
+        return CacheState.MISSING, None
+    meta = read_cache_metadata(path)
+    if meta is None:
+        return CacheState.CORRUPT, None
+    current = stamp if stamp is not None else SourceStamp.maybe(source_file)
+    return (CacheState.VALID if meta.stamp == current else CacheState.STALE), meta
+
+
+def invalidate_cache(source_file: str | os.PathLike[str], work_dir: WorkDir | str | os.PathLike[str]) -> bool:
+    """Delete the cache file (never through a symlink); True if a file was removed."""
+    wd = as_work_dir(work_dir, source_file)
+    try:
+        with safefs.work_dir_fd(wd.path) as fd:
+            return safefs.unlink_regular(fd, wd.cache_name) is not None
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,232 @@
+"""Advisory ``flock`` locks shared by the CLI, the pre-warm worker and the daemon.
+
+flock locks belong to an open file description and vanish when the holder dies, so a crashed pipeline
+never leaves a work dir locked. Lock files are opened with ``O_NOFOLLOW``: a lock file swapped for a
+symlink is refused, never created or truncated through.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Self
+
+from cinecut import safefs
+from cinecut.workdir import LOCK_NAME, WorkDir
+
+
+class LockBusy(Exception):
+    """The lock is held by another process (or another open of the file in this one)."""
+
+    def __init__(self, path: str | os.PathLike[str], holder: dict[str, Any] | None = None) -> None:
+        who = f" by {holder.get('purpose', 'a process')} (pid {holder.get('pid')})" if holder else ""
+        super().__init__(f"{path} is locked{who}")
+        self.path = Path(path)
+        self.holder = holder
+
+
+class FileLock:
+    """An exclusive (or shared) flock on one file, with non-blocking, timeout and blocking acquisition.
+
+    The holder writes its pid and purpose into the file so status can say who holds it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        purpose: str = "",
+        dir_fd: int | None = None,
+        shared: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.purpose = purpose
+        self._dir_fd = dir_fd
+        self._shared = shared
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def _open(self) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        name: str | Path = self.path.name if self._dir_fd is not None else self.path
+        try:
+            try:
+                fd = os.open(name, flags, 0o664, dir_fd=self._dir_fd)
+            except PermissionError:
+                # A group member may lock a file it cannot write (flock needs no write access).
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self._dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise safefs.SymlinkRefused(self.path, "lock file") from exc
+            raise
+        if not _is_regular(fd):
+            os.close(fd)
+            raise safefs.SymlinkRefused(self.path, "lock file")
+        return fd
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free right now; False if another holder has it."""
+        if self._fd is not None:
+            return True
+        fd = self._open()
+        op = (fcntl.LOCK_SH if self._shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        try:
+            fcntl.flock(fd, op)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        if not self._shared:
+            self._write_holder()
+        return True
+
+    def acquire(self, timeout: float | None = None, *, poll: float = 0.01) -> None:
+        """Take the lock, waiting up to ``timeout`` seconds (None: forever); LockBusy when it stays held."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = poll
+        while not self.try_acquire():
+            if deadline is not None and time.monotonic() >= deadline:
+                raise LockBusy(self.path, self.holder())
+            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.2)
+
+    def release(self) -> None:
+        """Drop the lock (idempotent). The file stays: deleting it would race with other openers."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def holder(self) -> dict[str, Any] | None:
+        """Who wrote the lock file last (pid, purpose, since); None if unknown."""
+        try:
+            if self._dir_fd is not None:
+                data = safefs.read_bounded(self._dir_fd, self.path.name, 4096)
+            else:
+                with safefs.dir_fd(self.path.parent, follow_last=True) as d:
+                    data = safefs.read_bounded(d, self.path.name, 4096)
+            info = json.loads(data)
+            return info if isinstance(info, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _write_holder(self) -> None:
+        assert self._fd is not None
+        info = json.dumps({"pid": os.getpid(), "purpose": self.purpose, "since": time.time()}).encode()
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, info, 0)
+        except OSError:
+            pass  # the lock itself is what matters; holder info is a courtesy
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _is_regular(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def work_dir_lock(work_dir: WorkDir | str | os.PathLike[str], *, purpose: str, dir_fd: int | None = None) -> FileLock:
+    """The lock of a work dir (``<work dir>/cinecut.lock``), held by whoever edits the work dir.
+
+    Pass ``dir_fd`` (the work dir opened with O_NOFOLLOW) to lock through it rather than the path.
+    """
+    path = work_dir.path if isinstance(work_dir, WorkDir) else Path(work_dir)
+    return FileLock(path / LOCK_NAME, purpose=purpose, dir_fd=dir_fd)
+
+
+def is_work_dir_locked(work_dir: WorkDir | str | os.PathLike[str]) -> bool:
+    """True if a pipeline holds the work dir's lock now (probe without keeping it)."""
+    lock = work_dir_lock(work_dir, purpose="probe")
+    try:
+        if lock.try_acquire():
+            lock.release()
+            return False
+        return True
+    except OSError:
+        return False
+
+
+class GpuLock:
+    """One GPU shared by the interactive CLI and the overnight pre-warm; interactive runs win.
+
+    ``<path>`` is the GPU itself (exclusive flock). ``<path>.want`` is how an interactive run asks for it:
+    it holds a shared flock on the want file while waiting and running. A pre-warm checks
+    :meth:`should_yield` between frames (an exclusive non-blocking probe of the want file) and releases
+    the GPU within one frame; it re-acquires once nobody wants it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, purpose: str, interactive: bool) -> None:
+        self.path = Path(path)
+        self.interactive = interactive
+        self._gpu = FileLock(self.path, purpose=purpose)
+        self._want = FileLock(self.path.with_name(self.path.name + ".want"), purpose=purpose, shared=True)
+
+    @property
+    def held(self) -> bool:
+        return self._gpu.held
+
+    def acquire(self, timeout: float | None = None) -> None:
+        """Wait for the GPU. An interactive caller first announces itself so a pre-warm yields."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.interactive:
+            self._want.acquire(timeout)
+        elif self.someone_waiting():
+            raise LockBusy(self.path, {"purpose": "an interactive run is waiting", "pid": None})
+        try:
+            self._gpu.acquire(timeout)
+        except BaseException:
+            self._want.release()
+            raise
+
+    def try_acquire(self) -> bool:
+        """Non-blocking acquire (pre-warm): False if the GPU is taken or an interactive run wants it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.interactive and self.someone_waiting():
+            return False
+        return self._gpu.try_acquire()
+
+    def someone_waiting(self) -> bool:
+        """True if an interactive run holds or waits for the GPU."""
+        probe = FileLock(self._want.path, purpose="probe")
+        if probe.try_acquire():
+            probe.release()
+            return False
+        return True
+
+    def should_yield(self) -> bool:
+        """For a non-interactive holder: an interactive run asked for the GPU."""
+        return not self.interactive and self.someone_waiting()
+
+    def holder(self) -> dict[str, Any] | None:
+        return self._gpu.holder()
+
+    def release(self) -> None:
+        self._gpu.release()
+        self._want.release()
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,152 @@
+"""Revalidation: decide whether a film's inputs changed since its work dir was last verified, and act.
+
+The single place that compares stamps. The daemon calls it on every event and at every rescan; the
+``cinecut`` CLI calls it before trusting a checkpoint. Witnesses, from strongest to weakest:
+
+1. the cache's metadata stamp vs the film's stat (upstream's own rule),
+2. our sidecar (``cinecut_stamps.json``): the stamps the completed stages are consistent with,
+3. on first sight of a work dir without a sidecar: a proxy older than the film.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cinecut import safefs
+from cinecut.checkpoint import CheckpointRead, read_checkpoint_at
+from cinecut.inference.cache import CacheMetadata, stream_metadata
+from cinecut.locks import work_dir_lock
+from cinecut.stages import Input, InvalidationReport, downstream, invalidate_at
+from cinecut.stamps import InputStamps, current_stamps, read_stamps_at, write_stamps_at
+from cinecut.workdir import WorkDir
+
+
+@dataclass(slots=True)
+class Revalidation:
+    """Outcome of one revalidation of a film's work dir."""
+
+    film: str
+    work_dir: str
+    exists: bool = False
+    film_present: bool = True
+    changed: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    report: InvalidationReport | None = None
+    stamps: InputStamps | None = None
+    cache: CacheMetadata | None = None
+    checkpoint: CheckpointRead | None = None
+    refused: str | None = None
+
+
+def _cache_metadata_at(dir_fd: int, name: str) -> CacheMetadata | None:
+    try:
+        fd = safefs.open_regular(dir_fd, name)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            return stream_metadata(f)
+    except Exception:  # hostile bytes are simply "no usable cache"
+        return None
+
+
+def detect_changes(
+    dir_fd: int,
+    wd: WorkDir,
+    current: InputStamps,
+    recorded: InputStamps | None,
+    meta: CacheMetadata | None,
+    checkpoint: CheckpointRead,
+) -> tuple[set[Input], list[str]]:
+    """Which inputs changed, with a human-readable reason for each finding."""
+    changed: set[Input] = set()
+    reasons: list[str] = []
+    video = current.video
+    if meta is not None and meta.stamp != video:
+        changed.add(Input.VIDEO)
+        reasons.append("cache stamp does not match the film")
+    if recorded is not None:
+        if recorded.video != video:
+            changed.add(Input.VIDEO)
+            reasons.append("film changed since its stages were recorded")
+        if recorded.subtitles != current.subtitles:
+            changed.add(Input.SUBTITLE)
+            reasons.append("subtitles changed")
+    elif checkpoint.checkpoint is not None and "proxy" in checkpoint.checkpoint.stages_complete and video:
+        proxy = safefs.lstat_in(dir_fd, wd.proxy_name)
+        if proxy is not None and stat.S_ISREG(proxy.st_mode) and proxy.st_mtime < video.mtime:
+            changed.add(Input.VIDEO)
+            reasons.append("film is newer than its proxy")
+    return changed, reasons
+
+
+def revalidate(
+    film: str | os.PathLike[str],
+    subtitles: list[Path] | tuple[Path, ...] = (),
+    *,
+    lock_timeout: float | None = 0.0,
+    locked_fd: int | None = None,
+) -> Revalidation:
+    """Compare a film's inputs with its work dir and invalidate what they made stale.
+
+    Raises LockBusy if a pipeline holds the work dir (``lock_timeout=0``), so the caller can defer. A
+    film that vanished is not invalidated here: its work dir becomes an orphan, which is reported, not
+    deleted. The stamps sidecar is written last, as the commit mark of the verification.
+    """
+    wd = WorkDir.for_film(film)
+    result = Revalidation(str(wd.film), str(wd.path))
+    if locked_fd is not None:
+        _revalidate_at(locked_fd, wd, subtitles, result)
+        return result
+    try:
+        with safefs.work_dir_fd(wd.path) as fd:
+            lock = work_dir_lock(wd, purpose="revalidate", dir_fd=fd)
+            if not lock.try_acquire():
+                lock.acquire(lock_timeout)
+            try:
+                _revalidate_at(fd, wd, subtitles, result)
+            finally:
+                lock.release()
+    except FileNotFoundError:
+        result.film_present = os.path.exists(wd.film)
+    except safefs.SymlinkRefused as exc:
+        result.exists = True
+        result.refused = f"{exc.filename}: {exc.strerror}"
+    return result
+
+
+def _revalidate_at(fd: int, wd: WorkDir, subtitles: list[Path] | tuple[Path, ...], result: Revalidation) -> None:
+    result.exists = True
+    current = current_stamps(wd.film, list(subtitles))
+    result.stamps = current
+    if current.video is None:
+        result.film_present = False
+        return
+    recorded = read_stamps_at(fd)
+    meta = _cache_metadata_at(fd, wd.cache_name)
+    ckpt = read_checkpoint_at(fd)
+    result.cache, result.checkpoint = meta, ckpt
+    changed, reasons = detect_changes(fd, wd, current, recorded, meta, ckpt)
+    result.changed = sorted(changed)
+    result.reasons = reasons
+    if changed:
+        report = InvalidationReport(str(wd.path), result.changed, "; ".join(reasons))
+        invalidate_at(fd, wd, downstream(changed), report)
+        result.report = report
+        if Input.VIDEO in changed:
+            result.cache = None
+    if recorded is None or changed or _differs(recorded, current):
+        write_stamps_at(fd, current)
+
+
+def _differs(a: InputStamps, b: InputStamps) -> bool:
+    return (a.source_file, a.video, a.subtitles, a.inode, a.device) != (
+        b.source_file,
+        b.video,
+        b.subtitles,
+        b.inode,
+        b.device,
+    )

@@ -1,0 +1,113 @@
+"""``cinecut_stamps.json``: the input stamps a work dir's completed stages are consistent with.
+
+Upstream's checkpoint cannot hold extra keys and its cache only stamps the video, so staleness of the
+proxy and keyframes (which exist without a cache) and of subtitle-derived stages needs a record of its
+own. This sidecar is that record: written last, after an invalidation or a completed stage, so it acts
+as a commit mark. Losing it is harmless (the next check re-derives it); upstream never reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from cinecut import safefs
+from cinecut.stamp import SourceStamp
+from cinecut.workdir import STAMPS_NAME
+
+FORMAT: Final = 1
+MAX_STAMPS_BYTES: Final = 1 << 20
+_TMP_SUFFIX: Final = ".stamps.tmp"
+
+SubtitleStamps = tuple[tuple[str, SourceStamp], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InputStamps:
+    """Stamps of a film's inputs: the video (and its inode, to recognise a rename) and its subtitles."""
+
+    source_file: str
+    video: SourceStamp | None
+    subtitles: SubtitleStamps
+    inode: int | None = None
+    device: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "source_file": self.source_file,
+            "video": self.video.to_dict() if self.video else None,
+            "inode": self.inode,
+            "device": self.device,
+            "subtitles": [{"name": n, **s.to_dict()} for n, s in self.subtitles],
+            "recorded_at": time.time(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> InputStamps:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError("not a stamps file of a known format")
+        src = data.get("source_file")
+        if not isinstance(src, str):
+            raise ValueError("source_file must be a string")
+        video = None if data.get("video") is None else SourceStamp.from_dict(data["video"])
+        subs_raw = data.get("subtitles")
+        if not isinstance(subs_raw, list):
+            raise ValueError("subtitles must be a list")
+        subs = []
+        for item in subs_raw:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise ValueError("subtitle entries need a name")
+            subs.append((item["name"], SourceStamp.from_dict(item)))
+        inode, device = data.get("inode"), data.get("device")
+        for v in (inode, device):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError("inode/device must be integers")
+        return cls(src, video, tuple(sorted(subs)), inode, device)
+
+
+def current_stamps(film: str | os.PathLike[str], subtitles: list[Path] | tuple[Path, ...]) -> InputStamps:
+    """Stamp the film and its subtitle sidecars now (a vanished film gets ``video=None``)."""
+    try:
+        st = os.stat(film)
+        video, inode, dev = SourceStamp.from_stat(st), st.st_ino, st.st_dev
+    except OSError:
+        video, inode, dev = None, None, None
+    subs = []
+    for sub in subtitles:
+        stamp = SourceStamp.maybe(sub)
+        if stamp is not None:
+            subs.append((Path(sub).name, stamp))
+    return InputStamps(os.path.abspath(film), video, tuple(sorted(subs)), inode, dev)
+
+
+def read_stamps_at(dir_fd: int) -> InputStamps | None:
+    """The sidecar of the work dir open at ``dir_fd``; None when missing, corrupt or symlinked."""
+    try:
+        data = safefs.read_bounded(dir_fd, STAMPS_NAME, MAX_STAMPS_BYTES)
+        return InputStamps.from_dict(json.loads(data))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def read_stamps(work_dir: str | os.PathLike[str]) -> InputStamps | None:
+    """The sidecar of a work dir by path; None when missing or unusable."""
+    try:
+        with safefs.work_dir_fd(work_dir) as fd:
+            return read_stamps_at(fd)
+    except OSError:
+        return None
+
+
+def write_stamps_at(dir_fd: int, stamps: InputStamps, *, durable: bool = False) -> None:
+    """Replace the sidecar atomically.
+
+    Not fsynced by default: a sidecar lost to a power cut only makes the next check redo an idempotent
+    invalidation or re-adopt the current stamps, so durability would cost latency for nothing.
+    """
+    data = json.dumps(stamps.to_dict(), ensure_ascii=False).encode()
+    safefs.atomic_write(dir_fd, STAMPS_NAME, data, tmp_suffix=_TMP_SUFFIX, durable=durable)
