@@ -155,13 +155,19 @@ def work_dir_lock(work_dir: WorkDir | str | os.PathLike[str], *, purpose: str, d
 
 
 def is_work_dir_locked(work_dir: WorkDir | str | os.PathLike[str]) -> bool:
-    """True if a pipeline holds the work dir's lock now (probe without keeping it)."""
-    lock = work_dir_lock(work_dir, purpose="probe")
+    """True if a pipeline holds the work dir's lock now (probe without keeping it).
+
+    Probes through the work dir opened with O_NOFOLLOW: a symlinked work dir is not a lockable work dir
+    (False), and no lock file is ever created in a symlink's target.
+    """
+    path = work_dir.path if isinstance(work_dir, WorkDir) else Path(work_dir)
     try:
-        if lock.try_acquire():
-            lock.release()
-            return False
-        return True
+        with safefs.work_dir_fd(path) as fd:
+            lock = work_dir_lock(path, purpose="probe", dir_fd=fd)
+            if lock.try_acquire():
+                lock.release()
+                return False
+            return True
     except OSError:
         return False
 

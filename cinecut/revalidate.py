@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cinecut import safefs
+from cinecut import faults, safefs
 from cinecut.checkpoint import CheckpointRead, read_checkpoint_at
 from cinecut.inference.cache import CacheMetadata, stream_metadata
 from cinecut.locks import work_dir_lock
@@ -59,7 +59,7 @@ def detect_changes(
     current: InputStamps,
     recorded: InputStamps | None,
     meta: CacheMetadata | None,
-    checkpoint: CheckpointRead,
+    checkpoint: CheckpointRead | None,
 ) -> tuple[set[Input], list[str]]:
     """Which inputs changed, with a human-readable reason for each finding."""
     changed: set[Input] = set()
@@ -75,7 +75,12 @@ def detect_changes(
         if recorded.subtitles != current.subtitles:
             changed.add(Input.SUBTITLE)
             reasons.append("subtitles changed")
-    elif checkpoint.checkpoint is not None and "proxy" in checkpoint.checkpoint.stages_complete and video:
+    else:
+        if checkpoint is None:
+            checkpoint = read_checkpoint_at(dir_fd)
+        ckpt = checkpoint.checkpoint
+        if not (ckpt is not None and "proxy" in ckpt.stages_complete and video):
+            return changed, reasons
         proxy = safefs.lstat_in(dir_fd, wd.proxy_name)
         if proxy is not None and stat.S_ISREG(proxy.st_mode) and proxy.st_mtime < video.mtime:
             changed.add(Input.VIDEO)
@@ -139,6 +144,7 @@ def _revalidate_at(fd: int, wd: WorkDir, subtitles: list[Path] | tuple[Path, ...
         if Input.VIDEO in changed:
             result.cache = None
     if recorded is None or changed or _differs(recorded, current):
+        faults.point("revalidate.before_stamps")
         write_stamps_at(fd, current)
 
 
@@ -150,3 +156,37 @@ def _differs(a: InputStamps, b: InputStamps) -> bool:
         b.inode,
         b.device,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A lock-free, write-free look at a work dir: does it need a (locked) revalidation?"""
+
+    exists: bool
+    needs_revalidation: bool
+    cache: CacheMetadata | None = None
+    stamps: InputStamps | None = None
+
+
+def probe(film: str | os.PathLike[str], subtitles: list[Path] | tuple[Path, ...] = ()) -> Probe:
+    """Cheap check used by rescans: read the sidecar and the cache header, take no lock, write nothing.
+
+    ``needs_revalidation`` is True when anything is off (changed inputs, no sidecar yet, stamps to update,
+    a symlinked work dir to report); the caller then runs :func:`revalidate` under the lock.
+    """
+    wd = WorkDir.for_film(film)
+    try:
+        with safefs.work_dir_fd(wd.path) as fd:
+            current = current_stamps(wd.film, list(subtitles))
+            if current.video is None:
+                return Probe(True, False, stamps=current)
+            recorded = read_stamps_at(fd)
+            meta = _cache_metadata_at(fd, wd.cache_name)
+            if recorded is None:
+                return Probe(True, True, meta, current)
+            changed, _ = detect_changes(fd, wd, current, recorded, meta, None)
+            return Probe(True, bool(changed) or _differs(recorded, current), meta, current)
+    except FileNotFoundError:
+        return Probe(False, False)
+    except OSError:
+        return Probe(True, True)

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from cinecut import safefs
+from cinecut import faults, safefs
 from cinecut.checkpoint import CheckpointStatus, read_checkpoint_at, save_checkpoint_at
 from cinecut.locks import LockBusy, work_dir_lock
 from cinecut.workdir import (
@@ -204,7 +204,9 @@ def invalidate_at(dir_fd: int, wd: WorkDir, stages: list[Stage], report: Invalid
             ckpt.stages_complete = kept
             for f in nulled:
                 setattr(ckpt, f, None)
+            faults.point("invalidate.before_checkpoint")
             save_checkpoint_at(ckpt, dir_fd)
+            faults.point("invalidate.after_checkpoint")
             report.stages_reset = reset
             report.fields_nulled = nulled
         if "inference" in names and "inference" not in report.stages_reset and "inference_complete" in nulled:
@@ -212,6 +214,7 @@ def invalidate_at(dir_fd: int, wd: WorkDir, stages: list[Stage], report: Invalid
     for stage in stages:
         for art in stage.artifacts:
             _remove_artifact(dir_fd, wd, art, report)
+            faults.point("invalidate.after_artifact")
 
 
 def _remove_artifact(dir_fd: int, wd: WorkDir, art: Artifact, report: InvalidationReport) -> None:

@@ -63,11 +63,18 @@ class InputStamps:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise ValueError("subtitle entries need a name")
             subs.append((item["name"], SourceStamp.from_dict(item)))
+        if len({n for n, _ in subs}) != len(subs):
+            raise ValueError("duplicate subtitle names")
         inode, device = data.get("inode"), data.get("device")
         for v in (inode, device):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise ValueError("inode/device must be integers")
-        return cls(src, video, tuple(sorted(subs)), inode, device)
+        return cls(src, video, tuple(sorted(subs, key=_name)), inode, device)
+
+
+def _name(entry: tuple[str, SourceStamp]) -> str:
+    """Sort key: stamps are not ordered, and two entries must never be compared by stamp."""
+    return entry[0]
 
 
 def current_stamps(film: str | os.PathLike[str], subtitles: list[Path] | tuple[Path, ...]) -> InputStamps:
@@ -78,11 +85,20 @@ def current_stamps(film: str | os.PathLike[str], subtitles: list[Path] | tuple[P
     except OSError:
         video, inode, dev = None, None, None
     subs = []
+    stem = Path(film).stem
     for sub in subtitles:
         stamp = SourceStamp.maybe(sub)
         if stamp is not None:
-            subs.append((Path(sub).name, stamp))
-    return InputStamps(os.path.abspath(film), video, tuple(sorted(subs)), inode, dev)
+            subs.append((subtitle_key(Path(sub).name, stem), stamp))
+    return InputStamps(os.path.abspath(film), video, tuple(sorted(subs, key=_name)), inode, dev)
+
+
+def subtitle_key(name: str, stem: str) -> str:
+    """A subtitle's name relative to its film's stem (``Heat.en.srt`` -> ``.en.srt``).
+
+    Keyed this way, a film renamed together with its subtitles (Radarr does both) keeps equal stamps.
+    """
+    return name[len(stem) :] if name.startswith(stem) else name
 
 
 def read_stamps_at(dir_fd: int) -> InputStamps | None:

@@ -13,6 +13,7 @@ miss, never a crash, a hang or a large allocation.
 from __future__ import annotations
 
 import enum
+import io
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -110,37 +111,67 @@ def save_cache(
     return wd.cache_path
 
 
-def _unpack_limits(data_len: int) -> dict[str, int]:
-    return {
-        "max_str_len": min(data_len, MAX_CACHE_BYTES),
-        "max_bin_len": min(data_len, MAX_CACHE_BYTES),
-        "max_array_len": min(data_len, MAX_RESULTS),
-        "max_map_len": min(data_len, 64),
-        "max_ext_len": 0,
-    }
+#: The format's only array is ``results``; records and descriptions are small maps. msgpack pre-sizes a
+#: container from its declared length before reading its items, so tight per-container limits are what
+#: keep a few KB of nested headers from allocating tens of MB.
+_MAX_INNER_ARRAY: Final = 4
+_MAX_INNER_MAP: Final = 8
+
+
+def _bounded_unpacker(f: Any, buffer_size: int, max_str: int) -> msgpack.Unpacker:
+    return msgpack.Unpacker(
+        f,
+        read_size=min(buffer_size, 4096),
+        max_buffer_size=buffer_size,
+        raw=False,
+        strict_map_key=False,
+        max_str_len=max_str,
+        max_bin_len=max_str,
+        max_array_len=_MAX_INNER_ARRAY,
+        max_map_len=_MAX_INNER_MAP,
+        max_ext_len=0,
+    )
+
+
+def _decode_item(item: object, i: int) -> Result:
+    if not isinstance(item, dict) or set(item) != {"record", "description"}:
+        raise ValueError(f"results[{i}] must have exactly record and description")
+    rec = KeyframeRecord.from_dict(item["record"])
+    desc = None if item["description"] is None else SceneDescription.from_dict(item["description"])
+    return rec, desc
 
 
 def decode_cache(data: bytes) -> tuple[CacheMetadata, list[Result]]:
-    """Decode and strictly validate cache bytes; ValueError on anything upstream could not load."""
+    """Decode and strictly validate cache bytes; ValueError on anything upstream could not load.
+
+    Streams the top-level map and the ``results`` array (whose header is checked, never pre-sized) so
+    memory stays proportional to the bytes actually present, whatever lengths a hostile file declares.
+    """
+    size = max(len(data), 1)
+    unpacker = _bounded_unpacker(io.BytesIO(data), size, min(size, MAX_CACHE_BYTES))
+    meta: CacheMetadata | None = None
+    results: list[Result] | None = None
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=False, **_unpack_limits(len(data)))
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
-        raise ValueError(f"not a msgpack cache: {exc}") from exc
+        if unpacker.read_map_header() != 2:
+            raise ValueError("top level must be a map with exactly metadata and results")
+        for _ in range(2):
+            key = unpacker.unpack()
+            if key == "metadata" and meta is None:
+                meta = CacheMetadata.from_obj(unpacker.unpack())
+            elif key == "results" and results is None:
+                count = unpacker.read_array_header()
+                if count > min(MAX_RESULTS, len(data)):
+                    raise ValueError(f"results declares {count} entries")
+                results = [_decode_item(unpacker.unpack(), i) for i in range(count)]
+            else:
+                raise ValueError("top level must be a map with exactly metadata and results")
+        if unpacker.tell() != len(data):
+            raise ValueError("extra bytes after the cache map")
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ValueError(f"not a msgpack cache: {str(exc) or type(exc).__name__}") from exc
     except RecursionError as exc:
         raise ValueError("msgpack nesting too deep") from exc
-    if not isinstance(obj, dict) or set(obj) != {"metadata", "results"}:
-        raise ValueError("top level must be a map with exactly metadata and results")
-    meta = CacheMetadata.from_obj(obj["metadata"])
-    raw_results = obj["results"]
-    if not isinstance(raw_results, list):
-        raise ValueError("results must be an array")
-    results: list[Result] = []
-    for i, item in enumerate(raw_results):
-        if not isinstance(item, dict) or set(item) != {"record", "description"}:
-            raise ValueError(f"results[{i}] must have exactly record and description")
-        rec = KeyframeRecord.from_dict(item["record"])
-        desc = None if item["description"] is None else SceneDescription.from_dict(item["description"])
-        results.append((rec, desc))
+    assert meta is not None and results is not None
     return meta, results
 
 
@@ -195,8 +226,8 @@ def stream_metadata(f: Any) -> CacheMetadata | None:
         strict_map_key=False,
         max_str_len=_MAX_STR,
         max_bin_len=_MAX_STR,
-        max_array_len=_MAX_STR,
-        max_map_len=64,
+        max_array_len=_MAX_INNER_ARRAY,
+        max_map_len=_MAX_INNER_MAP,
         max_ext_len=0,
     )
     n = unpacker.read_map_header()

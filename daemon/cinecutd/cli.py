@@ -1,0 +1,199 @@
+"""The `cinecutd` command: `run` starts the daemon; the other subcommands talk to it over its socket.
+
+Exit codes: 0 ok, 1 the daemon answered with an error (or another failure), 2 usage, 3 the daemon is not
+running, 4 permission denied on the socket, 78 (EX_CONFIG) a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cinecutd.config import EX_CONFIG, ConfigError, default_config_path, load_config
+
+DROPIN_DIR = Path("/etc/systemd/system/cinecut-cache.service.d")
+DROPIN_NAME = "libraries.conf"
+
+
+def _err(message: str) -> None:
+    print(f"cinecutd: {message}", file=sys.stderr)
+
+
+def _version() -> str:
+    try:
+        from cinecutd import __version__
+    except ImportError:  # the cinecut package is missing: still let --version answer
+        return "unknown"
+    return str(__version__)
+
+
+# --------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cinecutd",
+        description="Keeps CineCut caches of watched film libraries valid, and pre-warms them overnight.",
+        epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 daemon not running, 4 permission denied, 78 bad config.",
+    )
+    parser.add_argument("--version", action="version", version=f"cinecutd {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground (systemd starts it this way)")
+    p.add_argument("--config", metavar="PATH", help=f"config file (default: $CINECUTD_CONFIG or {default_config_path()})")
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--config", metavar="PATH", help="find the socket in this config's [control].socket")
+        where.add_argument("--socket", metavar="PATH", help="the daemon's control socket")
+        p.add_argument("--json", action="store_true", help="print the daemon's raw answer as JSON")
+        p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                       help="seconds to wait for the daemon (default: 10)")
+        return p
+
+    p = client("status", "show what the daemon sees (or one film's detail)")
+    p.add_argument("film", nargs="?", metavar="FILM", help="a film's path: show its stamps, cache and stages")
+    client("rescan", "reconcile all libraries now")
+    p = client("gc", "list orphaned work dirs (dry run), or delete their regenerable data with --apply")
+    p.add_argument("--apply", action="store_true", help="delete (caches, proxies, keyframes; never manifests)")
+    p = client("prewarm", "queue a film for pre-warming")
+    p.add_argument("film", metavar="FILM")
+    p.add_argument("--now", action="store_true", help="run it now, ignoring the window")
+    p.add_argument("--retry", action="store_true", help="retry a film whose pre-warm failed")
+    client("pause", "pause pre-warming (the current job stops after its frame)")
+    client("resume", "resume pre-warming")
+
+    p = sub.add_parser("systemd-dropin",
+                       help="print (or --write) the unit drop-in that lets the sandboxed service reach the libraries")
+    p.add_argument("--config", metavar="PATH", help=f"config file (default: {default_config_path()})")
+    p.add_argument("--write", action="store_true",
+                   help=f"write it to {DROPIN_DIR / DROPIN_NAME} instead of printing it")
+    p.add_argument("--dir", type=Path, default=DROPIN_DIR, metavar="DIR", help=argparse.SUPPRESS)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+
+def _load(config_arg: str | None) -> Any:
+    path = Path(config_arg) if config_arg else default_config_path()
+    return load_config(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
+    from cinecutd.service import run_daemon
+
+    rc = run_daemon(config)
+    return 0 if rc is None else int(rc)
+
+
+def _film_arg(film: str) -> str:
+    """Paths are sent absolute (the daemon knows films by path); a bare name that is no file goes as-is."""
+    if "/" in film or os.path.lexists(film):
+        return os.path.abspath(film)
+    return film
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from cinecutd.client import ClientError, ControlClient, resolve_socket
+
+    try:
+        choice = resolve_socket(args.socket, args.config)
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
+    if choice.warning:
+        _err(choice.warning)
+
+    cmd = args.command
+    req: dict[str, Any] = {}
+    if cmd == "status" and args.film:
+        req["film"] = _film_arg(args.film)
+    elif cmd == "gc":
+        req["apply"] = args.apply
+    elif cmd == "prewarm":
+        req.update(film=_film_arg(args.film), now=args.now, retry=args.retry)
+    try:
+        with ControlClient(choice.path, timeout=args.timeout) as c:
+            result = c.request(cmd, **req)
+    except ClientError as e:
+        _err(str(e))
+        return e.exit_code
+
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=True))
+        return 0
+    from cinecutd import render
+
+    console = _console()
+    if cmd == "status":
+        (render.render_film if args.film else render.render_status)(result, console)
+    elif cmd == "gc":
+        render.render_gc(result, console)
+    else:
+        render.render_generic(cmd, result, console)
+    return 0
+
+
+def cmd_dropin(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
+    from cinecutd.dropin import render_dropin
+
+    text = render_dropin([lib.path for lib in config.libraries])
+    if not args.write:
+        sys.stdout.write(text)
+        return 0
+    target = args.dir / DROPIN_NAME
+    try:
+        args.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=args.dir, prefix=f".{DROPIN_NAME}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fchmod(f.fileno(), 0o644)
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        _err(f"cannot write {target}: {e.strerror or e}" + (" (run it as root)" if e.errno == errno.EACCES else ""))
+        return 1
+    print(f"wrote {target}\nnow run: systemctl daemon-reload && systemctl restart cinecut-cache")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "systemd-dropin":
+        return cmd_dropin(args)
+    return cmd_client(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,724 @@
+"""The daemon's engine: turns filesystem events and rescans into revalidations, on one thread.
+
+Watcher threads and the control socket only post work to the engine's queue; the engine thread alone
+touches the registry and the disk, so there is no locking inside the daemon and the order of events is
+the order of effects. Invalidation is eager (the first event of a burst acts at once); later events of
+the same burst cost one ``stat``; one final revalidation runs when the burst has been quiet for
+``settle_seconds``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cinecut import __version__, faults, safefs
+from cinecut.inference.cache import read_cache_metadata
+from cinecut.locks import LockBusy, is_work_dir_locked
+from cinecut.revalidate import Revalidation, probe, revalidate
+from cinecut.stamp import SourceStamp
+from cinecut.workdir import (
+    WorkDir,
+    is_work_dir_name,
+    same_stem_conflicts,
+    stem_of_work_dir,
+    subtitle_belongs_to,
+)
+from cinecutd.config import Config, LibraryConfig
+from cinecutd.discovery import ScanResult, in_work_dir, is_film_name, scan_folder, scan_root
+from cinecutd.gc import collect_orphans
+from cinecutd.migrate import JOURNAL_NAME, MigrationError, migrate_work_dir, resume_migration
+from cinecutd.registry import FilmState, Registry, RootState
+
+log = structlog.get_logger("cinecutd")
+
+#: How long a vanished film is remembered by inode, to recognise a move across roots (delete + create).
+GONE_MEMORY_S = 600.0
+PENDING_RETRY_S = 0.25
+
+
+@dataclass(slots=True)
+class FsEvent:
+    """A filesystem event as the watcher saw it, stamped with when the daemon received it."""
+
+    kind: str  # created | modified | closed | moved | deleted | overflow
+    src: str
+    dest: str | None
+    is_dir: bool
+    t0: float
+
+
+class _Call:
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class Engine:
+    """All of the daemon's decisions. Public methods other than ``post_*``/``call`` run on the engine thread."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.reg = Registry()
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._timers: list[tuple[float, str, Path]] = []
+        self._gone: dict[tuple[int, int], tuple[Path, SourceStamp, float]] = {}
+        self._pending: set[Path] = set()
+        self.next_rescan: float | None = None
+        self.last_loop = time.monotonic()
+        self.on_film_changed: Callable[[FilmState], None] | None = None  # pre-warm scheduling hook
+        self.on_reconciled: Callable[[], None] | None = None
+        self._libraries: list[LibraryConfig] = list(config.libraries)
+        self._schedule_rescan()
+
+    # ----------------------------------------------------------------- inputs from other threads
+    def post_event(self, kind: str, src: str, dest: str | None = None, is_dir: bool = False) -> None:
+        """Called by watcher threads; cheap and non-blocking."""
+        self.queue.put(FsEvent(kind, src, dest, is_dir, time.monotonic()))
+
+    def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Run ``fn`` on the engine thread and wait for its result (used by the control socket)."""
+        c = _Call(fn)
+        self.queue.put(c)
+        if not c.done.wait(timeout):
+            raise TimeoutError("the daemon is busy; try again")
+        if c.error is not None:
+            raise c.error
+        return c.result
+
+    # ----------------------------------------------------------------- the loop body
+    def run_once(self, max_wait: float) -> None:
+        """Process one queued item (or wait up to ``max_wait``), then due timers."""
+        now = time.monotonic()
+        wait = max_wait
+        if self._timers:
+            wait = max(0.0, min(wait, self._timers[0][0] - now))
+        try:
+            item = self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()
+        except queue.Empty:
+            item = None
+        if item is not None:
+            self._dispatch(item)
+            # Drain what is already queued so a storm is handled in one go.
+            for _ in range(10_000):
+                try:
+                    self._dispatch(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+        self._run_timers()
+        self.last_loop = time.monotonic()
+
+    def _dispatch(self, item: Any) -> None:
+        if isinstance(item, FsEvent):
+            try:
+                self.handle_event(item)
+            except Exception as exc:  # one bad path must never stop the daemon
+                log.error("event_failed", path=item.src, kind=item.kind, error=repr(exc))
+                self.reg.counters["errors"] += 1
+        elif isinstance(item, _Call):
+            try:
+                item.result = item.fn()
+            except BaseException as exc:
+                item.error = exc
+            finally:
+                item.done.set()
+
+    def _push_timer(self, due: float, what: str, film: Path) -> None:
+        heapq.heappush(self._timers, (due, what, film))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            due, what, film = heapq.heappop(self._timers)
+            try:
+                if what == "settle":
+                    state = self.reg.films.get(film)
+                    if state is not None and state.settle_due == due:
+                        state.settle_due = None
+                        self._final_revalidation(state)
+                elif what == "pending":
+                    self._retry_pending(film)
+                elif what == "subs":
+                    state = self.reg.films.get(film)
+                    if state is not None:
+                        self._subtitles_changed(state, "deleted", now)
+            except Exception as exc:
+                log.error("timer_failed", film=str(film), what=what, error=repr(exc))
+        if self.next_rescan is not None and now >= self.next_rescan:
+            self.reconcile("periodic")
+
+    def next_deadline(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def _schedule_rescan(self) -> None:
+        interval = self.config.daemon.rescan_interval
+        self.next_rescan = time.monotonic() + interval if interval > 0 else None
+
+    # ----------------------------------------------------------------- libraries
+    def library_for(self, path: Path) -> LibraryConfig | None:
+        for lib in self._libraries:
+            if path == lib.path or path.is_relative_to(lib.path):
+                return lib
+        return None
+
+    def set_config(self, config: Config) -> None:
+        """Apply a reloaded config: roots that left are forgotten (nothing on disk changes)."""
+        old_roots = {lib.path for lib in self._libraries}
+        self.config = config
+        self._libraries = list(config.libraries)
+        new_roots = {lib.path for lib in self._libraries}
+        for root in old_roots - new_roots:
+            for film in [f for f, s in self.reg.films.items() if s.root == root]:
+                self.reg.remove(film)
+            self.reg.roots.pop(root, None)
+            self.reg.orphans = {w: t for w, t in self.reg.orphans.items() if not w.is_relative_to(root)}
+        self._schedule_rescan()
+
+    # ----------------------------------------------------------------- events
+    def handle_event(self, ev: FsEvent) -> None:
+        c = self.reg.counters
+        c["events"] += 1
+        if ev.kind == "overflow":
+            c["overflows"] += 1
+            log.warning("inotify_overflow", detail="events were lost; rescanning")
+            self.reconcile("overflow")
+            return
+        src = Path(ev.src)
+        dest = Path(ev.dest) if ev.dest else None
+        if in_work_dir(src) and (dest is None or in_work_dir(dest)):
+            c["work_dir_events"] += 1
+            return
+        if ev.is_dir:
+            self._dir_event(ev, src, dest)
+        elif ev.kind == "moved" and dest is not None:
+            self._moved(src, dest, ev.t0)
+        elif ev.kind == "deleted":
+            self._path_gone(src, ev.t0)
+        else:
+            self._path_changed(src, ev.kind, ev.t0)
+
+    def _classify(self, path: Path) -> tuple[LibraryConfig | None, str]:
+        """('film' | 'subtitle' | 'other', with the library) for a file path."""
+        lib = self.library_for(path)
+        if lib is None or in_work_dir(path):
+            return lib, "other"
+        name = path.name
+        if is_film_name(name, lib.video_extensions):
+            return lib, "film"
+        if os.path.splitext(name)[1].lower() in lib.subtitle_extensions and not name.startswith("."):
+            return lib, "subtitle"
+        return lib, "other"
+
+    def _path_changed(self, path: Path, kind: str, t0: float) -> None:
+        lib, what = self._classify(path)
+        if what == "film" and lib is not None:
+            self._film_touched(path, lib, kind, t0)
+        elif what == "subtitle" and lib is not None:
+            for film in self._films_for_subtitle(path, lib):
+                self._subtitles_changed(self.reg.films[film], kind, t0)
+
+    def _path_gone(self, path: Path, t0: float) -> None:
+        lib, what = self._classify(path)
+        if what == "film":
+            self._film_gone(path)
+        elif what == "subtitle" and lib is not None:
+            # A vanished subtitle is often half of a rename (Radarr renames film and subtitles one by one):
+            # look again once things are quiet instead of wiping results mid-rename.
+            for film in self._films_for_subtitle(path, lib):
+                self._push_timer(time.monotonic() + max(self.config.daemon.settle_seconds, 0.5), "subs", film)
+
+    def _films_for_subtitle(self, sub: Path, lib: LibraryConfig) -> list[Path]:
+        exts = frozenset(lib.subtitle_extensions)
+        return [f for f in self.reg.films_in(sub.parent) if subtitle_belongs_to(sub.name, f.stem, exts)]
+
+    def _moved(self, src: Path, dest: Path, t0: float) -> None:
+        _, src_kind = self._classify(src)
+        dest_lib, dest_kind = self._classify(dest)
+        src_state = self.reg.films.get(src)
+        if dest_kind == "film" and dest_lib is not None:
+            if src_state is not None and dest not in self.reg.films:
+                self._film_renamed(src_state, dest, dest_lib, t0)
+            else:
+                if src_state is not None:
+                    self._film_gone(src)
+                self._film_touched(dest, dest_lib, "replaced", t0)
+        else:
+            if src_kind == "film":
+                self._film_gone(src)
+            elif src_kind == "subtitle":
+                self._path_gone(src, t0)
+            if dest_kind == "subtitle" and dest_lib is not None:
+                self._path_changed(dest, "moved", t0)
+
+    def _dir_event(self, ev: FsEvent, src: Path, dest: Path | None) -> None:
+        if ev.kind == "deleted" or (ev.kind == "moved" and dest is not None and self.library_for(dest) is None):
+            for film in self.reg.films_under(src):
+                self._film_gone(film)
+            if self.reg.root_of(src) == src:
+                self._root_missing(src)
+        if ev.kind == "moved" and dest is not None and self.library_for(dest) is not None:
+            moved = self.reg.films_under(src)
+            for film in moved:
+                state = self.reg.films[film]
+                new_film = dest / film.relative_to(src)
+                self._film_renamed(state, new_film, self.library_for(new_film), ev.t0, dir_moved=True)
+            self._scan_new_folder(dest, ev.t0)
+        elif ev.kind == "created":
+            self._scan_new_folder(src, ev.t0)
+
+    def _scan_new_folder(self, folder: Path, t0: float) -> None:
+        lib = self.library_for(folder)
+        if lib is None or in_work_dir(folder) or is_work_dir_name(folder.name):
+            return
+        result = ScanResult(lib.path)
+        vexts, sexts = frozenset(lib.video_extensions), frozenset(lib.subtitle_extensions)
+        stack = [folder]
+        while stack:
+            stack.extend(scan_folder(stack.pop(), vexts, sexts, result))
+        for film, subs in result.films.items():
+            if film not in self.reg.films:
+                state = self._film_touched(film, lib, "created", t0)
+                if state is not None:
+                    state.subtitles = subs
+
+    # ----------------------------------------------------------------- film lifecycle
+    def _register(self, film: Path, lib: LibraryConfig) -> FilmState:
+        from cinecutd.discovery import subtitles_of
+
+        wd = WorkDir.for_film(film)
+        state = FilmState(film, lib.path, wd.path, subtitles_of(film, lib.subtitle_extensions))
+        self.reg.add(state)
+        self.reg.orphans.pop(wd.path, None)
+        return state
+
+    def _film_touched(self, film: Path, lib: LibraryConfig, kind: str, t0: float) -> FilmState | None:
+        state = self.reg.films.get(film)
+        new = state is None
+        if state is None:
+            state = self._register(film, lib)
+        state.last_event = (kind, time.time())
+        try:
+            st = os.stat(film)
+        except OSError:
+            self._film_gone(film)
+            return None
+        stamp = SourceStamp.from_stat(st)
+        if stamp == state.stamp and not new:
+            return state
+        now = time.monotonic()
+        in_burst = state.settle_due is not None
+        state.stamp, state.inode, state.device = stamp, st.st_ino, st.st_dev
+        state.last_change = now
+        due = now + self.config.daemon.settle_seconds
+        state.settle_due = due
+        self._push_timer(due, "settle", film)
+        if in_burst:
+            self.reg.counters["coalesced"] += 1
+            return state
+        if new and self._adopt_moved_results(state):
+            return state
+        self._revalidate(state, t0, kind)
+        return state
+
+    def _subtitles_changed(self, state: FilmState, kind: str, t0: float) -> None:
+        lib = self.library_for(state.film)
+        if lib is None:
+            return
+        from cinecutd.discovery import subtitles_of
+
+        state.subtitles = subtitles_of(state.film, lib.subtitle_extensions)
+        state.last_event = (f"subtitle {kind}", time.time())
+        self._revalidate(state, t0, f"subtitle {kind}")
+
+    def _film_gone(self, film: Path) -> None:
+        state = self.reg.remove(film)
+        if state is None:
+            return
+        self.reg.counters["films_gone"] += 1
+        if state.inode is not None and state.device is not None and state.stamp is not None:
+            self._gone[(state.device, state.inode)] = (film, state.stamp, time.monotonic())
+        wd = state.work_dir
+        still_claimed = any(WorkDir.for_film(f).path == wd for f in self.reg.films_in(film.parent))
+        if not still_claimed and os.path.lexists(wd):
+            self.reg.orphans.setdefault(wd, time.time())
+            log.info("orphaned", film=str(film), work_dir=str(wd), reason="film deleted or moved out")
+
+    def _film_renamed(
+        self, state: FilmState, new_film: Path, lib: LibraryConfig | None, t0: float, *, dir_moved: bool = False
+    ) -> None:
+        """Same inode, same content, new name: carry the work dir along instead of recomputing."""
+        old_film = state.film
+        self.reg.remove(old_film)
+        if lib is None:
+            return
+        new_state = self._register(new_film, lib)
+        new_state.stamp, new_state.inode, new_state.device = state.stamp, state.inode, state.device
+        new_state.last_event = ("renamed", time.time())
+        old_wd = WorkDir.for_film(old_film).path
+        if dir_moved:
+            old_wd = WorkDir.for_film(new_film).path.parent / old_wd.name  # travelled with its folder
+            old_film_for_paths = old_film
+        else:
+            old_film_for_paths = old_film
+        if os.path.lexists(old_wd) or os.path.lexists(new_state.work_dir):
+            self._migrate(old_film_for_paths, new_film, t0)
+        self._revalidate(new_state, t0, "renamed")
+
+    def _migrate(self, old_film: Path, new_film: Path, t0: float) -> None:
+        try:
+            report = migrate_work_dir(old_film, new_film)
+        except LockBusy:
+            log.warning("migration_deferred", film=str(new_film), reason="work dir locked by a pipeline")
+            self.reg.orphans.setdefault(WorkDir.for_film(old_film).path, time.time())
+            return
+        except (MigrationError, OSError) as exc:
+            log.warning("migration_skipped", film=str(new_film), old_film=str(old_film), reason=str(exc))
+            old_wd = WorkDir.for_film(old_film).path
+            if os.path.lexists(old_wd):
+                self.reg.orphans.setdefault(old_wd, time.time())
+            return
+        self.reg.orphans.pop(WorkDir.for_film(old_film).path, None)
+        self.reg.counters["migrations"] += 1
+        log.info(
+            "migrated",
+            film=str(new_film),
+            old_film=str(old_film),
+            work_dir=report.new_work_dir,
+            rewritten=report.rewritten,
+            latency_ms=round((time.monotonic() - t0) * 1000, 3),
+        )
+
+    def _adopt_moved_results(self, state: FilmState) -> bool:
+        """A new film that is a recently vanished one (same device and inode, same stamp): a move across
+        watches. Carry its work dir along."""
+        key = (state.device or 0, state.inode or 0)
+        gone = self._gone.pop(key, None)
+        now = time.monotonic()
+        self._gone = {k: v for k, v in self._gone.items() if now - v[2] < GONE_MEMORY_S}
+        if gone is None or gone[1] != state.stamp:
+            return False
+        old_film = gone[0]
+        if not os.path.lexists(WorkDir.for_film(old_film).path):
+            return False
+        self._migrate(old_film, state.film, now)
+        self._revalidate(state, now, "moved")
+        return True
+
+    # ----------------------------------------------------------------- revalidation
+    def _revalidate(self, state: FilmState, t0: float, trigger: str) -> Revalidation | None:
+        if state.conflict and not self._owns_work_dir(state):
+            return None
+        self.reg.counters["revalidations"] += 1
+        try:
+            res = revalidate(state.film, state.subtitles)
+        except LockBusy as exc:
+            self._defer(state, trigger, exc)
+            return None
+        except OSError as exc:
+            log.error("revalidation_failed", film=str(state.film), error=str(exc))
+            self.reg.counters["errors"] += 1
+            return None
+        if state.pending:
+            log.info("pending_applied", film=str(state.film), reason=state.pending)
+            self._pending.discard(state.film)
+        state.pending, state.pending_since = None, None
+        self._apply(state, res, t0, trigger)
+        return res
+
+    def _defer(self, state: FilmState, trigger: str, exc: LockBusy) -> None:
+        if state.pending is None:
+            state.pending = trigger
+            state.pending_since = time.time()
+            self.reg.counters["deferred"] += 1
+            who = exc.holder or {}
+            log.info("deferred", film=str(state.film), reason="work dir locked by a pipeline", holder=who.get("purpose"))
+        if state.film not in self._pending:
+            self._pending.add(state.film)
+            self._push_timer(time.monotonic() + PENDING_RETRY_S, "pending", state.film)
+
+    def _retry_pending(self, film: Path) -> None:
+        self._pending.discard(film)
+        state = self.reg.films.get(film)
+        if state is None or state.pending is None:
+            return
+        if is_work_dir_locked(state.work_dir):
+            self._pending.add(film)
+            self._push_timer(time.monotonic() + PENDING_RETRY_S, "pending", film)
+            return
+        self._revalidate(state, time.monotonic(), state.pending)
+
+    def _final_revalidation(self, state: FilmState) -> None:
+        """After a burst went quiet: one last look, so the final state of the film is what counts."""
+        try:
+            st = os.stat(state.film)
+        except OSError:
+            self._film_gone(state.film)
+            return
+        state.stamp, state.inode, state.device = SourceStamp.from_stat(st), st.st_ino, st.st_dev
+        self._revalidate(state, time.monotonic(), "settled")
+        if self.on_film_changed is not None:
+            self.on_film_changed(state)
+
+    def _apply(self, state: FilmState, res: Revalidation, t0: float, trigger: str) -> None:
+        state.has_work_dir = res.exists
+        state.refused = res.refused
+        if res.refused:
+            log.warning("refused", film=str(state.film), reason=res.refused)
+        if res.cache is not None:
+            state.cache = "valid" if res.cache.stamp == state.stamp else "stale"
+        elif res.exists:
+            state.cache = "missing" if not os.path.lexists(WorkDir.for_film(state.film).cache_path) else "corrupt"
+        else:
+            state.cache = "missing"
+        rep = res.report
+        if rep is None or not rep.changed_anything:
+            if rep is not None:
+                state.stale_fixed += 0
+            return
+        latency = (time.monotonic() - t0) * 1000
+        state.stale_fixed += 1
+        c = self.reg.counters
+        c["invalidations"] += 1
+        c["bytes_reclaimed"] += rep.bytes_reclaimed
+        record = {
+            "film": str(state.film),
+            "reason": rep.reason,
+            "trigger": trigger,
+            "stages": rep.stages_reset,
+            "files_removed": len(rep.files_removed),
+            "bytes_reclaimed": rep.bytes_reclaimed,
+            "latency_ms": round(latency, 3),
+            "at": time.time(),
+        }
+        self.reg.recent.appendleft(record)
+        log.info(
+            "invalidated",
+            film=str(state.film),
+            reason=rep.reason,
+            trigger=trigger,
+            stages=rep.stages_reset,
+            fields=rep.fields_nulled,
+            files_removed=len(rep.files_removed),
+            bytes_reclaimed=rep.bytes_reclaimed,
+            refused=rep.refused or None,
+            latency_ms=round(latency, 3),
+        )
+        if self.on_film_changed is not None:
+            self.on_film_changed(state)
+
+    def _owns_work_dir(self, state: FilmState) -> bool:
+        """For same-stem conflicts: the film the work dir's checkpoint or cache names is its owner."""
+        from cinecut.checkpoint import load_checkpoint
+
+        wd = WorkDir.for_film(state.film)
+        ckpt = load_checkpoint(wd.path)
+        if ckpt is not None:
+            return ckpt.source_file == str(state.film)
+        meta = read_cache_metadata(wd.cache_path)
+        return meta is not None and meta.source_file == str(state.film)
+
+    # ----------------------------------------------------------------- reconcile
+    def reconcile(self, reason: str) -> dict[str, Any]:
+        """Full scan of every root: the safety net under lost events, and the startup catch-up."""
+        faults.point("rescan")
+        t0 = time.monotonic()
+        c = self.reg.counters
+        c["rescans"] += 1
+        found: dict[Path, tuple[LibraryConfig, tuple[Path, ...]]] = {}
+        work_dirs: set[Path] = set()
+        scanned_roots: set[Path] = set()
+        self.reg.unreadable = []
+        for lib in self._libraries:
+            res = scan_root(lib.path, lib.video_extensions, lib.subtitle_extensions)
+            root_state = self.reg.roots.setdefault(lib.path, RootState(lib.path, lib.watch))
+            if res.missing:
+                if root_state.state != "missing":
+                    log.warning("root_missing", root=str(lib.path), detail=res.unreadable[0][1] if res.unreadable else "")
+                self._root_missing(lib.path)
+                continue
+            if root_state.state in ("missing", "unreadable"):
+                root_state.state = "pending-watch"
+            scanned_roots.add(lib.path)
+            root_state.films = len(res.films)
+            for path, why in res.unreadable:
+                self.reg.unreadable.append((str(path), why))
+            for film, subs in res.films.items():
+                found[film] = (lib, subs)
+            work_dirs |= res.work_dirs
+        # Finish migrations a crash interrupted before trusting any work dir.
+        for wd in work_dirs:
+            if os.path.lexists(wd / JOURNAL_NAME):
+                rep = resume_migration(wd)
+                if rep is not None:
+                    log.info("migration_resumed", film=rep.new_film, work_dir=rep.new_work_dir)
+        if any(os.path.lexists(wd / JOURNAL_NAME) is False and not os.path.lexists(wd) for wd in work_dirs):
+            work_dirs = {wd for wd in work_dirs if os.path.lexists(wd)}
+        conflicts = same_stem_conflicts(found)
+        self.reg.conflicts = conflicts
+        conflicted = {f for fs in conflicts.values() for f in fs}
+        for film, (lib, subs) in found.items():
+            state = self.reg.films.get(film)
+            if state is None:
+                state = self._register(film, lib)
+            state.subtitles = subs
+            state.conflict = film in conflicted
+            self._reconcile_film(state, t0)
+        for film in [f for f, s in self.reg.films.items() if s.root in scanned_roots and f not in found]:
+            self._film_gone(film)
+        film_work_dirs = {WorkDir.for_film(f).path for f in found}
+        self.reg.orphans = {
+            wd: self.reg.orphans.get(wd, time.time()) for wd in work_dirs if wd not in film_work_dirs
+        }
+        self._schedule_rescan()
+        elapsed = time.monotonic() - t0
+        summary = {
+            "reason": reason,
+            "films": len(found),
+            "orphans": len(self.reg.orphans),
+            "conflicts": len(conflicts),
+            "duration_s": round(elapsed, 4),
+        }
+        log.info("reconciled", **summary)
+        if self.config.daemon.orphans == "reclaim":
+            collect_orphans(self.reg, apply=True, min_age_days=self.config.daemon.orphan_grace_days)
+        if self.on_reconciled is not None:
+            self.on_reconciled()
+        return summary
+
+    def _reconcile_film(self, state: FilmState, t0: float) -> None:
+        try:
+            st = os.stat(state.film)
+        except OSError:
+            return
+        stamp = SourceStamp.from_stat(st)
+        if stamp != state.stamp:
+            state.last_change = time.monotonic() if state.stamp is not None else state.last_change
+        state.stamp, state.inode, state.device = stamp, st.st_ino, st.st_dev
+        if state.conflict and not self._owns_work_dir(state):
+            return
+        p = probe(state.film, state.subtitles)
+        state.has_work_dir = p.exists
+        if p.needs_revalidation:
+            self._revalidate(state, t0, "rescan")
+        elif p.cache is not None:
+            state.cache = "valid" if p.cache.stamp == stamp else "stale"
+        else:
+            state.cache = "missing" if not p.exists or not os.path.lexists(WorkDir.for_film(state.film).cache_path) else "corrupt"
+
+    def _root_missing(self, root: Path) -> None:
+        state = self.reg.roots.get(root)
+        if state is not None:
+            state.state = "missing"
+            state.films = 0
+        for film in [f for f, s in self.reg.films.items() if s.root == root]:
+            # An unmounted root is not a deletion: forget its films, create no orphans.
+            self.reg.remove(film)
+        self.reg.orphans = {w: t for w, t in self.reg.orphans.items() if not w.is_relative_to(root)}
+
+    # ----------------------------------------------------------------- queries
+    def status(self) -> dict[str, Any]:
+        reg = self.reg
+        films = reg.films.values()
+        now = time.monotonic()
+        settle = self.config.prewarm.settle_seconds
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "version": __version__,
+                "uptime_s": round(time.time() - reg.started_at, 1),
+                "started_at": reg.started_at,
+            },
+            "roots": [
+                {"path": str(r.path), "watch": r.watch, "state": r.state, "films": r.films, "detail": r.detail}
+                for r in reg.roots.values()
+            ],
+            "films": {
+                "total": len(reg.films),
+                "warm": sum(1 for s in films if s.cache == "valid"),
+                "cold": sum(1 for s in films if s.cache != "valid"),
+                "stale_fixed": sum(1 for s in films if s.stale_fixed),
+                "orphaned": len(reg.orphans),
+                "conflicts": len(reg.conflicts),
+                "copying": sum(1 for s in films if not s.settled(now, settle)),
+            },
+            "conflicts": [{"work_dir": str(w), "films": [str(f) for f in fs]} for w, fs in reg.conflicts.items()],
+            "orphans": [{"work_dir": str(w), "since": t} for w, t in sorted(reg.orphans.items())],
+            "pending": [
+                {"film": str(s.film), "reason": s.pending, "since": s.pending_since} for s in films if s.pending
+            ],
+            "unreadable": [{"path": p, "reason": r} for p, r in reg.unreadable[:50]],
+            "recent_invalidations": list(reg.recent)[:20],
+            "counters": dict(reg.counters),
+        }
+
+    def find_film(self, query: str) -> FilmState:
+        """A film by absolute path, by file name or by a unique substring of its path."""
+        from cinecutd.control import ControlError
+
+        p = Path(os.path.abspath(query))
+        if p in self.reg.films:
+            return self.reg.films[p]
+        matches = [s for f, s in self.reg.films.items() if f.name == query or f.stem == query]
+        if not matches:
+            q = query.lower()
+            matches = [s for f, s in self.reg.films.items() if q in str(f).lower()]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise ControlError("not_found", f"no watched film matches {query!r}")
+        names = ", ".join(sorted(str(s.film) for s in matches)[:5])
+        raise ControlError("ambiguous", f"{len(matches)} films match {query!r}: {names}")
+
+    def film_status(self, query: str) -> dict[str, Any]:
+        from cinecut.checkpoint import read_checkpoint
+
+        state = self.find_film(query)
+        wd = WorkDir.for_film(state.film)
+        ck = read_checkpoint(wd.path)
+        meta = read_cache_metadata(wd.cache_path)
+        current = SourceStamp.maybe(state.film)
+        cache: dict[str, Any] = {"state": "missing", "path": str(wd.cache_path)}
+        if meta is not None:
+            cache.update(
+                state="valid" if meta.stamp == current else "stale",
+                metadata={"source_file": meta.source_file, "mtime": meta.mtime, "size": meta.size},
+            )
+        elif os.path.lexists(wd.cache_path):
+            cache["state"] = "corrupt"
+        return {
+            "film": str(state.film),
+            "work_dir": str(wd.path),
+            "work_dir_exists": os.path.isdir(wd.path) and not os.path.islink(wd.path),
+            "stamp": current.to_dict() if current else None,
+            "cache": cache,
+            "checkpoint": ck.status.value,
+            "checkpoint_reason": ck.reason,
+            "stages_complete": ck.checkpoint.stages_complete if ck.checkpoint else [],
+            "subtitles": [str(s) for s in state.subtitles],
+            "last_event": {"kind": state.last_event[0], "at": state.last_event[1]} if state.last_event else None,
+            "pending": {"reason": state.pending, "since": state.pending_since} if state.pending else None,
+            "locked": is_work_dir_locked(wd.path) if os.path.isdir(wd.path) else False,
+            "conflict": state.conflict,
+            "refused": state.refused,
+            "stale_fixed": state.stale_fixed,
+        }
+
+
+def orphan_stem(work_dir: Path) -> str:
+    return stem_of_work_dir(work_dir.name)
+
+
+__all__ = ["Engine", "FsEvent", "orphan_stem", "safefs"]

@@ -1,0 +1,184 @@
+"""Moving a work dir after its film was renamed or moved with unchanged content.
+
+The expensive results (the SceneDescription cache above all) follow the film: the work dir is renamed to
+the new stem, the cache and proxy get the new names, and the absolute paths upstream stores (cache
+``source_file`` and ``frame_path``, checkpoint ``source_file``/``proxy_path``/manifest paths) are rewritten.
+
+Crash safety: a journal (``cinecut_migration.json``) is written durably into the work dir BEFORE it is
+renamed, travels with it, and is removed last. Every step is idempotent, so a daemon killed anywhere
+resumes the migration from the journal at its next reconcile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from cinecut import faults, safefs
+from cinecut.checkpoint import read_checkpoint_at, save_checkpoint_at
+from cinecut.inference.cache import MAX_CACHE_BYTES, decode_cache, encode_cache
+from cinecut.locks import work_dir_lock
+from cinecut.models import KeyframeRecord
+from cinecut.stamps import read_stamps_at, write_stamps_at
+from cinecut.workdir import CACHE_TMP_SUFFIX, WorkDir
+
+JOURNAL_NAME: Final = "cinecut_migration.json"
+
+
+class MigrationError(Exception):
+    """The work dir could not be moved (the reason says why); nothing was lost."""
+
+
+@dataclass(slots=True)
+class MigrationReport:
+    old_film: str
+    new_film: str
+    old_work_dir: str
+    new_work_dir: str
+    moved_dir: bool = False
+    renamed: list[str] = field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
+def _rewrite(path: str | None, old_wd: Path, new_wd: Path, old_film: Path, new_film: Path) -> str | None:
+    """Map an absolute path that pointed into the old work dir (or at the old film) to the new one."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p == old_film:
+        return str(new_film)
+    if p.is_relative_to(old_wd):
+        rel = p.relative_to(old_wd)
+        name = str(rel)
+        old_stem, new_stem = old_film.stem, new_film.stem
+        if len(rel.parts) == 1 and name.startswith(old_stem):
+            name = new_stem + name[len(old_stem) :]
+        return str(new_wd / name)
+    return path
+
+
+def migrate_work_dir(old_film: Path, new_film: Path) -> MigrationReport:
+    """Move ``old_film``'s work dir to ``new_film``'s and rewrite every stored path.
+
+    Raises LockBusy if a pipeline holds the work dir, MigrationError if the destination work dir already
+    exists (another film's results are never overwritten) or the move crosses filesystems.
+    """
+    old, new = WorkDir.for_film(old_film), WorkDir.for_film(new_film)
+    report = MigrationReport(str(old.film), str(new.film), str(old.path), str(new.path))
+    if old.path != new.path:
+        if os.path.lexists(new.path):
+            raise MigrationError(f"{new.path} already exists; keeping both work dirs")
+        with safefs.work_dir_fd(old.path) as fd:
+            lock = work_dir_lock(old, purpose="migrate", dir_fd=fd)
+            lock.acquire(0.0)
+            try:
+                journal = {"old_film": str(old.film), "new_film": str(new.film)}
+                safefs.atomic_write(fd, JOURNAL_NAME, json.dumps(journal).encode(), tmp_suffix=".journal.tmp")
+                faults.point("migrate.before_rename")
+                try:
+                    os.rename(old.path, new.path)
+                except OSError as exc:
+                    safefs.unlink_regular(fd, JOURNAL_NAME)
+                    if exc.errno == errno.EXDEV:
+                        raise MigrationError(f"{old.path} and {new.path} are on different filesystems") from exc
+                    raise
+                parent = os.open(new.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(parent)
+                finally:
+                    os.close(parent)
+                report.moved_dir = True
+                faults.point("migrate.after_rename")
+            finally:
+                lock.release()
+    _finish(old, new, report)
+    return report
+
+
+def resume_migration(work_dir: Path) -> MigrationReport | None:
+    """Finish a migration interrupted by a crash (journal present); None if there is none to finish."""
+    try:
+        with safefs.work_dir_fd(work_dir) as fd:
+            data = safefs.read_bounded(fd, JOURNAL_NAME, 1 << 16)
+        journal = json.loads(data)
+        old_film, new_film = Path(journal["old_film"]), Path(journal["new_film"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    old, new = WorkDir.for_film(old_film), WorkDir.for_film(new_film)
+    report = MigrationReport(str(old.film), str(new.film), str(old.path), str(new.path))
+    if Path(work_dir) == old.path and old.path != new.path:
+        # Crashed before the rename: the film has moved on, so redo the whole move.
+        with safefs.work_dir_fd(old.path) as fd:
+            safefs.unlink_regular(fd, JOURNAL_NAME)
+        return migrate_work_dir(old.film, new.film)
+    _finish(old, new, report)
+    return report
+
+
+def _finish(old: WorkDir, new: WorkDir, report: MigrationReport) -> None:
+    """Steps after the directory rename: rename artifacts, rewrite paths, update stamps, drop the journal."""
+    with safefs.work_dir_fd(new.path) as fd:
+        lock = work_dir_lock(new, purpose="migrate", dir_fd=fd)
+        lock.acquire(0.0)
+        try:
+            _rename_cache(fd, old, new, report)
+            faults.point("migrate.after_cache")
+            if old.proxy_name != new.proxy_name and safefs.lstat_in(fd, old.proxy_name) is not None:
+                if safefs.lstat_in(fd, new.proxy_name) is None:
+                    os.rename(old.proxy_name, new.proxy_name, src_dir_fd=fd, dst_dir_fd=fd)
+                    report.renamed.append(new.proxy_name)
+            if old.partial_name != new.partial_name and safefs.unlink_regular(fd, old.partial_name) is not None:
+                report.dropped.append(old.partial_name)
+            _rewrite_checkpoint(fd, old, new, report)
+            faults.point("migrate.after_checkpoint")
+            recorded = read_stamps_at(fd)
+            if recorded is not None and recorded.source_file != str(new.film):
+                write_stamps_at(fd, dataclasses.replace(recorded, source_file=str(new.film)))
+            safefs.unlink_regular(fd, JOURNAL_NAME)
+            os.fsync(fd)
+        finally:
+            lock.release()
+
+
+def _rename_cache(fd: int, old: WorkDir, new: WorkDir, report: MigrationReport) -> None:
+    """Write the cache under the new name with rewritten paths, then drop the old one."""
+    source_name = old.cache_name if safefs.lstat_in(fd, old.cache_name) is not None else new.cache_name
+    try:
+        data = safefs.read_bounded(fd, source_name, MAX_CACHE_BYTES)
+        meta, results = decode_cache(data)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        return  # a corrupt cache is not worth carrying; revalidation will report it
+    moved = [
+        (KeyframeRecord(r.timestamp_s, _rewrite(r.frame_path, old.path, new.path, old.film, new.film) or "", r.source), d)
+        for r, d in results
+    ]
+    if meta.source_file != str(new.film) or moved != results or source_name != new.cache_name:
+        payload = encode_cache(moved, str(new.film), meta.stamp)
+        safefs.atomic_write(fd, new.cache_name, payload, tmp_suffix=CACHE_TMP_SUFFIX)
+        report.rewritten.append(new.cache_name)
+    if source_name != new.cache_name:
+        safefs.unlink_regular(fd, source_name)
+
+
+def _rewrite_checkpoint(fd: int, old: WorkDir, new: WorkDir, report: MigrationReport) -> None:
+    ckpt = read_checkpoint_at(fd).checkpoint
+    if ckpt is None:
+        return
+    changed = False
+    for name in ("source_file", "proxy_path", "manifest_path", "assembly_manifest_path"):
+        value = getattr(ckpt, name)
+        new_value = _rewrite(value, old.path, new.path, old.film, new.film)
+        if new_value != value:
+            setattr(ckpt, name, new_value)
+            changed = True
+    if changed:
+        save_checkpoint_at(ckpt, fd)
+        report.rewritten.append("pipeline_checkpoint.json")

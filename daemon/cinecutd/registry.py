@@ -1,0 +1,95 @@
+"""The daemon's in-memory view of the libraries: a cache of the filesystem that a rescan rebuilds.
+
+Nothing here is authoritative. Film states hold what the last look at the disk found, so an event that
+brings nothing new (the 2,000th modify of a slow copy) costs one ``stat`` and one dict lookup.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cinecut.stamp import SourceStamp
+
+
+@dataclass(slots=True)
+class FilmState:
+    """What the daemon last saw of one film."""
+
+    film: Path
+    root: Path
+    work_dir: Path
+    subtitles: tuple[Path, ...] = ()
+    stamp: SourceStamp | None = None
+    inode: int | None = None
+    device: int | None = None
+    cache: str = "missing"  # valid | stale | missing | corrupt
+    cache_records: int | None = None
+    has_work_dir: bool = False
+    last_event: tuple[str, float] | None = None  # (kind, wall time)
+    last_change: float = 0.0  # monotonic time the stamp last moved
+    cleared: bool = False  # invalidated while its stamp is still moving: later events cost O(1)
+    settle_due: float | None = None  # monotonic deadline of the final revalidation after a burst
+    pending: str | None = None  # invalidation waiting for a pipeline's lock
+    pending_since: float | None = None
+    stale_fixed: int = 0
+    conflict: bool = False
+    refused: str | None = None
+
+    def settled(self, now: float, settle_seconds: float) -> bool:
+        return self.stamp is not None and now - self.last_change >= settle_seconds and self.settle_due is None
+
+
+@dataclass(slots=True)
+class RootState:
+    path: Path
+    watch: str
+    state: str = "starting"  # watching | poll-fallback | missing | unreadable
+    films: int = 0
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Registry:
+    """All films, orphans, conflicts and recent history."""
+
+    films: dict[Path, FilmState] = field(default_factory=dict)
+    by_folder: dict[Path, set[Path]] = field(default_factory=dict)
+    orphans: dict[Path, float] = field(default_factory=dict)  # work dir -> first seen orphaned (wall)
+    conflicts: dict[Path, list[Path]] = field(default_factory=dict)
+    roots: dict[Path, RootState] = field(default_factory=dict)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
+    counters: Counter[str] = field(default_factory=Counter)
+    started_at: float = field(default_factory=time.time)
+
+    def add(self, state: FilmState) -> FilmState:
+        self.films[state.film] = state
+        self.by_folder.setdefault(state.film.parent, set()).add(state.film)
+        return state
+
+    def remove(self, film: Path) -> FilmState | None:
+        state = self.films.pop(film, None)
+        if state is not None:
+            folder = self.by_folder.get(film.parent)
+            if folder is not None:
+                folder.discard(film)
+                if not folder:
+                    del self.by_folder[film.parent]
+        return state
+
+    def films_in(self, folder: Path) -> set[Path]:
+        return self.by_folder.get(folder, set())
+
+    def films_under(self, prefix: Path) -> list[Path]:
+        """Films whose path is inside ``prefix`` (a moved or deleted folder)."""
+        return [f for f in self.films if f.is_relative_to(prefix)]
+
+    def root_of(self, path: Path) -> Path | None:
+        for root in self.roots:
+            if path == root or path.is_relative_to(root):
+                return root
+        return None

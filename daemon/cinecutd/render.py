@@ -1,0 +1,320 @@
+"""Human-readable rendering of the daemon's answers with rich.
+
+The daemon's answers are data from another process, possibly another version: every key may be missing or
+of an unexpected type, and film names may hold control characters or undecodable bytes. Nothing here may
+crash on that or let a file name inject terminal escapes or rich markup.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+
+def clean(value: Any) -> str:
+    """A printable, encodable string: control characters escaped, lone surrogates replaced."""
+    s = value if isinstance(value, str) else str(value)
+    try:
+        s = s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        s = s.encode("utf-8", "replace").decode("utf-8")
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def count(value: Any) -> str:
+    n = _num(value)
+    if n is None:
+        return "?" if value is None else clean(value)
+    return str(int(n)) if n == int(n) else f"{n:g}"
+
+
+def human_bytes(value: Any) -> str:
+    n = _num(value)
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_duration(value: Any) -> str:
+    n = _num(value)
+    if n is None:
+        return "?"
+    s = int(max(0.0, n))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d {h}h {m:02d}m"
+    if h:
+        return f"{h}h {m:02d}m"
+    if m:
+        return f"{m}m {s:02d}s"
+    return f"{s}s"
+
+
+def when(value: Any) -> str:
+    """A timestamp given as epoch seconds or an ISO string, as local time."""
+    if value is None:
+        return "-"
+    n = _num(value)
+    try:
+        if n is not None:
+            dt = datetime.fromtimestamp(n)
+        elif isinstance(value, str):
+            dt = datetime.fromisoformat(value)
+            if dt.tzinfo is not None:
+                dt = dt.astimezone()
+        else:
+            return clean(value)
+    except (ValueError, OverflowError, OSError):
+        return clean(value)
+    return dt.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def brief(value: Any) -> str:
+    """Any JSON value on one line."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{clean(k)}={brief(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(brief(v) for v in value) or "-"
+    return count(value) if _num(value) is not None else clean(value)
+
+
+def _map(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> Sequence[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _table(*columns: str, title: str | None = None) -> Table:
+    t = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", title_style="bold", pad_edge=False,
+              show_edge=False)
+    for c in columns:
+        numeric = c in {"films", "files", "reclaimed", "latency", "bytes", "size"}
+        t.add_column(c.upper(), justify="right" if numeric else "left", no_wrap=numeric,
+                     overflow="fold")
+    return t
+
+
+def _row(t: Table, *cells: str) -> None:
+    t.add_row(*(Text(c) for c in cells))
+
+
+STATE_STYLE = {
+    "watching": "green", "poll-fallback": "yellow", "missing": "red", "unreadable": "red",
+    "valid": "green", "stale": "yellow", "corrupt": "red",
+    "running": "green", "idle": "", "paused": "yellow", "gpu-build-missing": "red",
+    "waiting-window": "cyan", "waiting-vram": "yellow", "disabled": "dim",
+}
+
+
+def _state(value: Any) -> Text:
+    s = clean(value) if value is not None else "?"
+    return Text(s, style=STATE_STYLE.get(s, ""))
+
+
+def render_status(result: Mapping[str, Any], console: Console) -> None:
+    """The `cinecutd status` summary."""
+    d = _map(result.get("daemon"))
+    head = Text("cinecutd", style="bold")
+    head.append(f" {clean(d.get('version', '?'))}  pid {count(d.get('pid'))}  "
+                f"up {human_duration(d.get('uptime_s'))}")
+    if d.get("started_at") is not None:
+        head.append(f" (since {when(d.get('started_at'))})")
+    console.print(head)
+
+    roots = _list(result.get("roots"))
+    t = _table("root", "watch", "state", "films", title=f"Roots ({len(roots)})")
+    for r in roots:
+        r = _map(r)
+        t.add_row(Text(clean(r.get("path", "?"))), Text(clean(r.get("watch", "?"))), _state(r.get("state")),
+                  Text(count(r.get("films"))))
+    console.print(t)
+
+    f = _map(result.get("films"))
+    parts = [("total", "total"), ("warm", "warm"), ("cold", "cold"), ("stale_fixed", "stale-fixed"),
+             ("orphaned", "orphaned"), ("conflicts", "same-stem conflicts"), ("copying", "copying")]
+    line = Text("Films: ", style="bold")
+    line.append("  ".join(f"{count(f.get(k))} {label}" for k, label in parts if k in f) or "?")
+    console.print(line)
+
+    conflicts = _list(result.get("conflicts"))
+    if conflicts:
+        t = _table("work dir", "films sharing it", title=f"Same-stem conflicts ({len(conflicts)})")
+        for c in conflicts:
+            c = _map(c)
+            _row(t, clean(c.get("work_dir", "?")), brief(c.get("films")))
+        console.print(t)
+
+    orphans = _list(result.get("orphans"))
+    if orphans:
+        t = _table("orphaned work dir", "size", title=f"Orphaned work dirs ({len(orphans)})")
+        total = 0.0
+        for o in orphans:
+            o = _map(o)
+            total += _num(o.get("bytes")) or 0
+            _row(t, clean(o.get("work_dir", "?")), human_bytes(o.get("bytes")))
+        console.print(t)
+        console.print(Text(f"{human_bytes(total)} in orphaned work dirs; `cinecutd gc` shows what "
+                           "`cinecutd gc --apply` would delete", style="dim"))
+
+    pending = _list(result.get("pending"))
+    t = _table("film", "reason", "since", title=f"Pending invalidations ({len(pending)})")
+    for p in pending:
+        p = _map(p)
+        _row(t, clean(p.get("film", "?")), brief(p.get("reason")), when(p.get("since")))
+    console.print(t if pending else Text("Pending invalidations: none", style="bold"))
+
+    recent = _list(result.get("recent_invalidations"))
+    if recent:
+        t = _table("at", "film", "reason", "stages", "files", "reclaimed", "latency",
+                   title=f"Recent invalidations ({len(recent)})")
+        for r in recent:
+            r = _map(r)
+            lat = _num(r.get("latency_ms"))
+            _row(t, when(r.get("at")), clean(r.get("film", "?")), brief(r.get("reason")), brief(r.get("stages")),
+                 count(r.get("files_removed")), human_bytes(r.get("bytes_reclaimed")),
+                 "?" if lat is None else f"{lat:.1f} ms")
+        console.print(t)
+    else:
+        console.print(Text("Recent invalidations: none", style="bold"))
+
+    counters = _map(result.get("counters"))
+    if counters:
+        line = Text("Counters: ", style="bold")
+        line.append("  ".join(
+            f"{clean(k)} {human_bytes(v) if k.startswith('bytes') else count(v)}" for k, v in counters.items()))
+        console.print(line)
+
+    if "prewarm" in result:
+        _render_prewarm(_map(result.get("prewarm")), console)
+
+
+def _render_prewarm(p: Mapping[str, Any], console: Console) -> None:
+    line = Text("Pre-warm: ", style="bold")
+    line.append_text(_state(p.get("state", "enabled" if p.get("enabled") else "disabled")))
+    if p.get("next_window") is not None:
+        line.append(f"  next window {when(p.get('next_window'))}")
+    console.print(line)
+    cur = p.get("current")
+    if isinstance(cur, Mapping):
+        done, total = _num(cur.get("done")), _num(cur.get("total"))
+        pct = f" ({100 * done / total:.0f} %)" if done is not None and total else ""
+        fps = _num(cur.get("fps"))
+        console.print(Text(
+            f"  current: {clean(cur.get('film', '?'))}  {count(cur.get('done'))}/{count(cur.get('total'))} "
+            f"frames{pct}  {'?' if fps is None else f'{fps:.2f}'} fps  ETA {human_duration(cur.get('eta_s'))}"))
+    queue = _list(p.get("queue"))
+    if queue:
+        console.print(Text(f"  queue ({len(queue)}): " + ", ".join(clean(q) for q in queue[:10])
+                           + (f", … {len(queue) - 10} more" if len(queue) > 10 else "")))
+    failures = _list(p.get("failures"))
+    if failures:
+        t = _table("film", "reason", "at", title=f"Pre-warm failures ({len(failures)}); retry with "
+                                                 "`cinecutd prewarm --retry FILM`")
+        for fl in failures:
+            fl = _map(fl)
+            _row(t, clean(fl.get("film", "?")), brief(fl.get("reason")), when(fl.get("at")))
+        console.print(t)
+
+
+def render_film(result: Mapping[str, Any], console: Console) -> None:
+    """`cinecutd status FILM`: the per-film detail."""
+    g = Table.grid(padding=(0, 2))
+    g.add_column(style="bold", no_wrap=True)
+    g.add_column(overflow="fold")
+    g.add_row("Film", Text(clean(result.get("film", "?"))))
+    g.add_row("Work dir", Text(clean(result.get("work_dir", "-")) if result.get("work_dir") else "-"))
+    stamp = result.get("stamp")
+    if isinstance(stamp, Mapping):
+        mt = _num(stamp.get("mtime"))
+        g.add_row("Stamp", Text(f"mtime {when(mt)} ({'?' if mt is None else repr(mt)}), "
+                                f"size {count(stamp.get('size'))} bytes ({human_bytes(stamp.get('size'))})"))
+    else:
+        g.add_row("Stamp", Text("none (the film is not readable)"))
+    cache = _map(result.get("cache"))
+    cell = _state(cache.get("state", "?"))
+    if cache.get("records") is not None:
+        cell.append(f", {count(cache.get('records'))} records")
+    if cache.get("path"):
+        cell.append(f"  {clean(cache.get('path'))}")
+    g.add_row("Cache", cell)
+    g.add_row("Stages complete", Text(brief(result.get("stages_complete")) if result.get("stages_complete")
+                                      else "none"))
+    g.add_row("Checkpoint", _state(result.get("checkpoint", "?")))
+    g.add_row("Subtitles", Text(brief(result.get("subtitles")) if result.get("subtitles") else "none"))
+    ev = result.get("last_event")
+    if isinstance(ev, Mapping):
+        g.add_row("Last event", Text(f"{clean(ev.get('kind', '?'))} at {when(ev.get('at'))}"))
+    else:
+        g.add_row("Last event", Text("none since the daemon started"))
+    g.add_row("Pending", Text(brief(result.get("pending")) if result.get("pending") else "none"))
+    g.add_row("Pre-warm", Text(brief(result.get("prewarm"))))
+    console.print(g)
+
+
+def render_gc(result: Mapping[str, Any], console: Console) -> None:
+    """`cinecutd gc [--apply]`: what was (or would be) deleted."""
+    applied = bool(result.get("apply", result.get("applied", False)))
+    orphans = _list(result.get("orphans"))
+    t = _table("orphaned work dir", "size", title=f"Orphaned work dirs ({len(orphans)})")
+    total = 0.0
+    for o in orphans:
+        o = _map(o)
+        total += _num(o.get("bytes")) or 0
+        _row(t, clean(o.get("work_dir", "?")), human_bytes(o.get("bytes")))
+    if orphans:
+        console.print(t)
+    if applied:
+        removed = result.get("removed")
+        n = len(removed) if isinstance(removed, list) else count(removed)
+        console.print(Text(f"Deleted the regenerable data of {n} orphaned work dir(s), "
+                           f"{human_bytes(result.get('bytes_reclaimed', total))} reclaimed."))
+    elif orphans:
+        console.print(Text(f"Dry run: {human_bytes(total)} could be reclaimed; run `cinecutd gc --apply` to "
+                           "delete the regenerable data (manifests and unknown files are kept)."))
+    else:
+        console.print(Text("No orphaned work dirs."))
+    if result.get("message"):
+        console.print(Text(clean(result["message"])))
+
+
+def render_generic(cmd: str, result: Mapping[str, Any], console: Console) -> None:
+    """rescan, prewarm, pause, resume, ping: the daemon's message, else its fields."""
+    if isinstance(result.get("message"), str):
+        console.print(Text(clean(result["message"])))
+        return
+    if not result:
+        console.print(Text(f"{cmd}: ok"))
+        return
+    g = Table.grid(padding=(0, 2))
+    g.add_column(style="bold", no_wrap=True)
+    g.add_column(overflow="fold")
+    for k, v in result.items():
+        g.add_row(Text(clean(k)), Text(brief(v)))
+    console.print(g)

@@ -1,0 +1,266 @@
+"""``cinecutd run``: wire config, logging, watchers, engine, control socket and systemd together.
+
+Startup order matters: watches start first (events queue up), then the full reconcile, then the control
+socket, then READY=1, so nothing that happens while we start is lost and "ready" means "caught up".
+The main loop is the engine loop; WATCHDOG=1 is sent from it alone, so a wedged loop gets the service
+restarted by systemd.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cinecut import __version__
+from cinecutd.config import EX_CONFIG, Config, ConfigError, load_config
+from cinecutd.control import ControlError, ControlServer, ControlSocketError, Router
+from cinecutd.engine import Engine
+from cinecutd.gc import collect_orphans
+from cinecutd.logs import configure_logging
+from cinecutd.sdnotify import Notifier
+from cinecutd.watcher import Watchers
+
+log = structlog.get_logger("cinecutd")
+
+STATUS_EVERY_S = 2.0
+ROOT_RETRY_S = 5.0
+STOP_DEADLINE_S = 4.0
+
+
+class Daemon:
+    """One running daemon: owns the engine, the watchers, the control server and the notifier."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.engine = Engine(config)
+        self.watchers = Watchers(self.engine)
+        self.notifier = Notifier()
+        self.control: ControlServer | None = None
+        self.prewarm: Any = None
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._last_status = ""
+        self._last_status_at = 0.0
+        self._last_ping = 0.0
+        self._last_root_check = 0.0
+
+    # ------------------------------------------------------------------ control commands
+    def _handlers(self) -> dict[str, Any]:
+        eng = self.engine
+
+        def status(film: str | None = None) -> dict[str, Any]:
+            if film:
+                result = eng.call(lambda: eng.film_status(film))
+                if self.prewarm is not None:
+                    result["prewarm"] = self.prewarm.film_status(result["film"])
+                return result
+            result = eng.call(eng.status)
+            result["prewarm"] = self.prewarm.status() if self.prewarm is not None else {"enabled": False, "state": "disabled"}
+            return result
+
+        def rescan() -> dict[str, Any]:
+            return eng.call(lambda: eng.reconcile("requested"), timeout=120.0)
+
+        def gc(apply: bool = False) -> dict[str, Any]:
+            reports = eng.call(lambda: collect_orphans(eng.reg, apply=apply), timeout=120.0)
+            return {"applied": apply, "orphans": [r.to_dict() for r in reports]}
+
+        handlers: dict[str, Any] = {"status": status, "rescan": rescan, "gc": gc}
+        if self.prewarm is not None:
+            pw = self.prewarm
+
+            def prewarm(film: str, now: bool = False, retry: bool = False) -> dict[str, Any]:
+                state = eng.call(lambda: eng.find_film(film))
+                return eng.call(lambda: pw.request(state.film, now=now, retry=retry))
+
+            handlers.update(
+                prewarm=prewarm,
+                pause=lambda: eng.call(pw.pause),
+                resume=lambda: eng.call(pw.resume),
+            )
+        else:
+
+            def disabled(**_: Any) -> dict[str, Any]:
+                raise ControlError("prewarm_disabled", "pre-warm is not enabled in the daemon's config ([prewarm] enabled)")
+
+            handlers.update(prewarm=disabled, pause=disabled, resume=disabled)
+        return handlers
+
+    def _start_control(self) -> None:
+        c = self.config.control
+        self.control = ControlServer(
+            c.socket,
+            Router(self._handlers()),
+            mode=c.mode,
+            group=c.group,
+            max_request_bytes=c.max_request_bytes,
+            request_timeout=c.request_timeout,
+        )
+        self.control.start()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _install_signals(self) -> None:
+        def on_stop(signum: int, _frame: Any) -> None:
+            self._stop.set()
+            self.engine.queue.put(None)
+
+        def on_reload(signum: int, _frame: Any) -> None:
+            self._reload.set()
+            self.engine.queue.put(None)
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_reload)
+
+    def _make_prewarm(self) -> None:
+        if not self.config.prewarm.enabled:
+            return
+        from cinecutd.prewarm.scheduler import PrewarmScheduler
+
+        self.prewarm = PrewarmScheduler(self.config, self.engine)
+        self.engine.on_film_changed = self.prewarm.on_film_changed
+        self.engine.on_reconciled = self.prewarm.on_reconciled
+
+    def run(self) -> int:
+        self._install_signals()
+        log.info("starting", version=__version__, pid=os.getpid(), config=str(self.config.path),
+                 roots=[str(lib.path) for lib in self.config.libraries])
+        self._make_prewarm()
+        self.notifier.status("starting: scanning libraries")
+        self.watchers.ensure(self.config.libraries)
+        summary = self.engine.reconcile("startup")
+        self.watchers.ensure(self.config.libraries)
+        try:
+            self._start_control()
+        except (ControlSocketError, OSError) as exc:
+            log.error("control_socket_failed", socket=str(self.config.control.socket), error=str(exc))
+            self._shutdown()
+            return 1
+        self.notifier.ready(self.status_line())
+        log.info("ready", films=summary["films"], duration_s=summary["duration_s"],
+                 socket=str(self.config.control.socket))
+        interval = self.notifier.watchdog_interval()
+        max_wait = min(interval, 1.0) if interval else 1.0
+        while not self._stop.is_set():
+            self.engine.run_once(max_wait)
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            if self.prewarm is not None:
+                self.prewarm.tick()
+            self._periodic()
+        self._shutdown()
+        return 0
+
+    def _periodic(self) -> None:
+        now = time.monotonic()
+        if now - self._last_ping >= 0.5:
+            self.notifier.watchdog()
+            self._last_ping = now
+        if now - self._last_root_check >= ROOT_RETRY_S:
+            self._last_root_check = now
+            self._check_roots()
+        if now - self._last_status_at >= STATUS_EVERY_S:
+            self._last_status_at = now
+            line = self.status_line()
+            if line != self._last_status:
+                self._last_status = line
+                self.notifier.status(line)
+
+    def _check_roots(self) -> None:
+        """A root that was missing (unmounted) and is back gets a rescan and its watch again."""
+        back = [
+            r.path
+            for r in self.engine.reg.roots.values()
+            if r.state in ("missing", "pending-watch") and os.path.isdir(r.path)
+        ]
+        gone = [r.path for r in self.engine.reg.roots.values() if r.state != "missing" and not os.path.isdir(r.path)]
+        for root in gone:
+            log.warning("root_missing", root=str(root))
+            self.engine._root_missing(root)
+        if back or gone:
+            if back:
+                log.info("root_available", roots=[str(r) for r in back])
+                self.engine.reconcile("root available")
+            self.watchers.ensure(self.config.libraries)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; added or removed roots take effect without a restart."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("reload_failed", error=str(exc), detail="keeping the running configuration")
+            self.notifier.ready(f"reload failed, old config kept: {exc}")
+            return
+        old = self.config
+        self.config = new
+        try:
+            configure_logging(new.daemon.log_format, new.daemon.log_level)
+        except ValueError as exc:
+            log.error("reload_logging_failed", error=str(exc))
+        self.engine.set_config(new)
+        self.watchers.ensure(new.libraries)
+        if new.control != old.control and self.control is not None:
+            self.control.close()
+            self._start_control()
+        if self.prewarm is not None:
+            self.prewarm.reconfigure(new)
+        elif new.prewarm.enabled:
+            self._make_prewarm()
+            if self.control is not None:
+                self.control.handler = Router(self._handlers())
+        summary = self.engine.reconcile("reload")
+        self.watchers.ensure(new.libraries)
+        log.info("reloaded", roots=[str(lib.path) for lib in new.libraries], films=summary["films"])
+        self.notifier.ready(self.status_line())
+
+    def _shutdown(self) -> None:
+        """Stop within a few seconds: work dirs are only edited inside the engine loop, which has returned,
+        so nothing is left half-edited; a pre-warm worker is asked to stop after its current frame."""
+        self.notifier.stopping()
+        log.info("stopping")
+        deadline = time.monotonic() + STOP_DEADLINE_S
+        if self.prewarm is not None:
+            self.prewarm.stop(timeout=max(0.5, deadline - time.monotonic() - 1.0))
+        if self.control is not None:
+            self.control.close(timeout=1.0)
+        self.watchers.stop_all()
+        log.info("stopped")
+
+    def status_line(self) -> str:
+        """The one-line STATUS= shown by ``systemctl status``."""
+        reg = self.engine.reg
+        roots = len(self.config.libraries)
+        films = len(reg.films)
+        day_ago = time.time() - 86400
+        removed = sum(1 for r in reg.recent if r["at"] >= day_ago)
+        parts = [f"watching {films:,} films in {roots} root{'s' if roots != 1 else ''}"]
+        parts.append(f"{removed} stale cache{'s' if removed != 1 else ''} removed today")
+        pending = sum(1 for s in reg.films.values() if s.pending)
+        if pending:
+            parts.append(f"{pending} waiting for a pipeline's lock")
+        if self.prewarm is not None:
+            parts.append(self.prewarm.status_line())
+        return "; ".join(parts)
+
+
+def run_daemon(config: Config) -> int:
+    """Entry point of ``cinecutd run`` after the config loaded."""
+    try:
+        configure_logging(config.daemon.log_format, config.daemon.log_level)
+    except ValueError as exc:
+        print(f"cinecutd: {config.path}: daemon.log_level: {exc}", flush=True)
+        return EX_CONFIG
+    return Daemon(config).run()
+
+
+def main_for_tests(config_path: Path) -> int:
+    """Load a config and run (used by tests that start the daemon in-process)."""
+    return run_daemon(load_config(config_path))

@@ -1,0 +1,160 @@
+"""Watching library roots with watchdog: inotify where it works, polling where it cannot.
+
+Watcher threads do nothing but translate watchdog events into engine events; every decision is the
+engine's. Events from inside work dirs are dropped at the first line (watchdog cannot exclude a
+subtree from a recursive inotify watch; in polling mode work dirs are never even listed).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserverVFS
+
+from cinecut.workdir import WORK_DIR_SUFFIX
+from cinecutd.config import LibraryConfig
+from cinecutd.engine import Engine
+
+log = structlog.get_logger("cinecutd")
+
+_FORWARDED = {"created", "modified", "closed", "moved", "deleted"}
+INOTIFY_LIMIT_HINT = (
+    "inotify watch limit reached; raise it with `sysctl fs.inotify.max_user_watches=524288` "
+    "(persist in /etc/sysctl.d/); polling this root instead"
+)
+
+
+class _Forwarder(FileSystemEventHandler):
+    """Posts relevant watchdog events to the engine; cheap filters only."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        kind = event.event_type
+        if kind not in _FORWARDED:
+            return
+        src = os.fsdecode(event.src_path)
+        dest = os.fsdecode(event.dest_path) if getattr(event, "dest_path", "") else None
+        if WORK_DIR_SUFFIX in src and (dest is None or WORK_DIR_SUFFIX in dest):
+            return
+        if event.is_directory and kind == "modified":
+            return
+        self.engine.post_event(kind, src, dest, event.is_directory)
+
+
+def _filtered_scandir(path: str | None) -> Iterator[os.DirEntry[str]]:
+    """``os.scandir`` for the polling observer that never lists work dirs or hidden files."""
+    with os.scandir(path) as it:
+        for entry in it:
+            name = entry.name
+            if name.startswith(".") or name.endswith(WORK_DIR_SUFFIX):
+                continue
+            yield entry
+
+
+class _OverflowHook(logging.Handler):
+    """watchdog rebuilds its watches after an inotify queue overflow and only logs it; turn that log line
+    into a rescan so the events the kernel dropped are caught up at once."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(logging.WARNING)
+        self.engine = engine
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.engine.post_event("overflow", "", None, False)
+
+
+@dataclass(slots=True)
+class _Watch:
+    library: LibraryConfig
+    observer: Any
+    mode: str
+
+
+class Watchers:
+    """One observer per library root; roots that are missing are retried by :meth:`ensure`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._watches: dict[Path, _Watch] = {}
+        self._hook = _OverflowHook(engine)
+        logging.getLogger("watchdog").addHandler(self._hook)
+
+    def ensure(self, libraries: tuple[LibraryConfig, ...] | list[LibraryConfig]) -> None:
+        """Start watches for roots that lack one, stop those whose root left the config or vanished."""
+        wanted = {lib.path: lib for lib in libraries}
+        for root in list(self._watches):
+            w = self._watches[root]
+            if root not in wanted or wanted[root] != w.library or not os.path.isdir(root):
+                self._stop(root)
+        for root, lib in wanted.items():
+            if root not in self._watches and os.path.isdir(root):
+                self._start(lib)
+        for root, w in self._watches.items():
+            state = self.engine.reg.roots.get(root)
+            if state is not None and state.state not in ("watching", "poll-fallback"):
+                state.state = "poll-fallback" if w.mode == "poll-fallback" else "watching"
+                state.watch = "inotify" if w.mode == "inotify" else "poll"
+
+    def _start(self, lib: LibraryConfig) -> None:
+        state = self.engine.reg.roots.get(lib.path)
+        mode = lib.watch
+        observer: Any = None
+        if mode == "inotify":
+            try:
+                observer = Observer()
+                observer.schedule(_Forwarder(self.engine), str(lib.path), recursive=True)
+                observer.start()
+            except OSError as exc:
+                _stop_quietly(observer)
+                observer = None
+                if exc.errno in (errno.ENOSPC, errno.EMFILE):
+                    log.warning("inotify_limit", root=str(lib.path), detail=INOTIFY_LIMIT_HINT)
+                    mode = "poll-fallback"
+                else:
+                    log.error("watch_failed", root=str(lib.path), error=str(exc))
+                    if state is not None:
+                        state.state, state.detail = "unreadable", str(exc)
+                    return
+        if observer is None:
+            observer = PollingObserverVFS(os.stat, _filtered_scandir, polling_interval=lib.poll_interval)
+            observer.schedule(_Forwarder(self.engine), str(lib.path), recursive=True)
+            observer.start()
+        self._watches[lib.path] = _Watch(lib, observer, mode)
+        if state is not None:
+            state.state = "poll-fallback" if mode == "poll-fallback" else "watching"
+            state.watch = "poll" if mode != "inotify" else "inotify"
+            state.detail = INOTIFY_LIMIT_HINT if mode == "poll-fallback" else ""
+        log.info("watching", root=str(lib.path), mode=mode)
+
+    def _stop(self, root: Path) -> None:
+        w = self._watches.pop(root, None)
+        if w is not None:
+            _stop_quietly(w.observer)
+
+    def stop_all(self) -> None:
+        for root in list(self._watches):
+            self._stop(root)
+        logging.getLogger("watchdog").removeHandler(self._hook)
+
+
+def _stop_quietly(observer: Any) -> None:
+    if observer is None:
+        return
+    try:
+        observer.stop()
+        if observer.is_alive():
+            observer.join(timeout=2)
+    except Exception:  # a half-started observer may not stop cleanly; it is being discarded anyway
+        pass
