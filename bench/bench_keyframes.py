@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         assert film.subtitle is not None
         plan = plan_of_size(info.duration_s, parse_subtitles(film.subtitle), scenes, args.frames)
         runs = group_runs(
-            [t for t, _ in plan], seek_gap_s=15.0, max_per_run=64, time_base=float(info.time_base)
+            [t for t, _ in plan], seek_gap_s=15.0, max_per_run=64, time_base=info.time_base
         )
 
         batched: list[tuple[float, float]] = []

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cinecut import faults, safefs
 from cinecut.checkpoint import CheckpointRead, read_checkpoint_at
-from cinecut.inference.cache import CacheMetadata, stream_metadata
+from cinecut.inference.cache import CacheMetadata, metadata_from_fd
 from cinecut.locks import work_dir_lock
 from cinecut.stages import Input, InvalidationReport, downstream, invalidate_at
 from cinecut.stamps import InputStamps, current_stamps, read_stamps_at, write_stamps_at
@@ -47,10 +47,9 @@ def _cache_metadata_at(dir_fd: int, name: str) -> CacheMetadata | None:
     except OSError:
         return None
     try:
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            return stream_metadata(f)
-    except Exception:  # hostile bytes are simply "no usable cache"
-        return None
+        return metadata_from_fd(fd)
+    finally:
+        os.close(fd)
 
 
 def detect_changes(
@@ -168,13 +167,15 @@ class Probe:
     stamps: InputStamps | None = None
 
 
-def probe(film: str | os.PathLike[str], subtitles: list[Path] | tuple[Path, ...] = ()) -> Probe:
+def probe(
+    film: str | os.PathLike[str], subtitles: list[Path] | tuple[Path, ...] = (), *, wd: WorkDir | None = None
+) -> Probe:
     """Cheap check used by rescans: read the sidecar and the cache header, take no lock, write nothing.
 
     ``needs_revalidation`` is True when anything is off (changed inputs, no sidecar yet, stamps to update,
     a symlinked work dir to report); the caller then runs :func:`revalidate` under the lock.
     """
-    wd = WorkDir.for_film(film)
+    wd = wd if wd is not None else WorkDir.for_film(film)
     try:
         with safefs.work_dir_fd(wd.path) as fd:
             current = current_stamps(wd.film, list(subtitles))

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from rich.console import Console
-
 from cinecutd import render
 from cinecutd.client import DaemonNotRunning, resolve_socket
 from cinecutd.config import CONFIG_ENV, DEFAULT_SOCKET
 from cinecutd.control import ControlError, ControlServer, Router
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
 
 CINECUTD = Path(sys.executable).parent / "cinecutd"
 
@@ -86,10 +85,12 @@ class FakeDaemon:
 
         def gc(apply: bool = False) -> dict[str, Any]:
             self.calls.append(("gc", {"apply": apply}))
-            out: dict[str, Any] = {"apply": apply, "orphans": STATUS["orphans"]}
-            if apply:
-                out.update(removed=[STATUS["orphans"][0]["work_dir"]], bytes_reclaimed=1_610_612_736)
-            return out
+            orphan = {"work_dir": STATUS["orphans"][0]["work_dir"], "bytes": 1_610_612_736,
+                      "reclaimable": ["Gone.scenedesc.msgpack", "Gone_proxy.mp4", "keyframes"],
+                      "kept": ["TRAILER_MANIFEST.json"], "removed_dir": False, "error": None}
+            locked = {"work_dir": "/srv/media/films/Busy/Busy_cinecut_work", "bytes": 0, "reclaimable": [],
+                      "kept": [], "removed_dir": False, "error": "work dir locked by a running pipeline"}
+            return {"applied": apply, "orphans": [orphan, locked] if apply else [orphan]}
 
         def prewarm(film: str, now: bool = False, retry: bool = False) -> dict[str, Any]:
             self.calls.append(("prewarm", {"film": film, "now": now, "retry": retry}))
@@ -176,7 +177,8 @@ def test_gc_rescan_prewarm_pause_resume(daemon: tuple[FakeDaemon, Path]) -> None
     assert proc.returncode == 0, proc.stderr
     assert "Gone_cinecut_work" in proc.stdout and "Dry run: 1.5 GiB could be reclaimed" in proc.stdout
     proc = cli("gc", "--apply", "--socket", str(sock))
-    assert "Deleted the regenerable data of 1 orphaned work dir(s), 1.5 GiB reclaimed." in proc.stdout
+    assert "Deleted the regenerable data of 1 orphaned work dir(s): 1.5 GiB reclaimed; 1 failed" in proc.stdout
+    assert "error: work dir locked by a running pipeline" in proc.stdout
     proc = cli("prewarm", "/srv/media/films/X/X.mkv", "--now", "--retry", "--socket", str(sock))
     assert proc.returncode == 0 and proc.stdout == "queued /srv/media/films/X/X.mkv at position 1\n"
     for cmd, expected in (("rescan", "rescan: ok\n"), ("pause", "pause done\n"), ("resume", "resume done\n")):
@@ -329,7 +331,8 @@ def test_rendering_survives_missing_and_mistyped_keys() -> None:
     out = rendered(render.render_film, {"stamp": {"mtime": "x"}, "cache": [], "last_event": 5,
                                         "subtitles": "a.srt", "stages_complete": {"proxy": True}})
     assert "a.srt" in out
-    rendered(render.render_gc, {"apply": True, "removed": 3, "orphans": None})
+    assert "No orphaned work dirs." in rendered(render.render_gc, {"applied": True, "orphans": None})
+    rendered(render.render_gc, {"applied": True, "orphans": [None, {"error": 3, "kept": "x"}]})
 
 
 def test_file_names_cannot_inject_markup_or_escapes() -> None:
@@ -342,7 +345,7 @@ def test_file_names_cannot_inject_markup_or_escapes() -> None:
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8)
-status_keys = st.sampled_from(list(STATUS) + ["pid", "film", "cache", "stamp", "done", "fps"])
+status_keys = st.sampled_from([*STATUS, "pid", "film", "cache", "stamp", "done", "fps"])
 
 
 @settings(max_examples=80, deadline=None)

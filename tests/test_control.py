@@ -13,9 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from cinecutd.control import (
     MAX_OUTPUT_BUFFER,
     ControlError,
@@ -24,6 +21,8 @@ from cinecutd.control import (
     Router,
     parse_request,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 def toy_handler(request: dict[str, Any]) -> dict[str, Any]:
@@ -42,6 +41,11 @@ def toy_handler(request: dict[str, Any]) -> dict[str, Any]:
         return {"x": object()}
     if cmd == "path":
         return {"p": Path("/a/b"), "s": {2, 1}}
+    if cmd == "slow":
+        time.sleep(request.get("seconds", 0.6))
+        return {"slept": True}
+    if cmd == "engine_busy":
+        raise TimeoutError("the daemon is busy; try again")
     raise ControlError("unknown_command", cmd)
 
 
@@ -144,6 +148,21 @@ def test_handler_failures_become_internal_errors_and_the_server_goes_on(
     assert "handler bug" in p.ask({"cmd": "boom"})["error"]["message"]
     assert p.ask({"cmd": "ping"})["ok"] is True
     assert server.stats["errors"] >= 4
+
+
+def test_a_slow_command_does_not_block_other_clients(sock_path: Path) -> None:
+    with ControlServer(sock_path, toy_handler, request_timeout=0.3):
+        slow = Peer(sock_path)
+        slow.send(b'{"cmd": "slow", "seconds": 0.8}\n{"cmd": "ping"}\n')
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        other = Peer(sock_path)
+        assert other.ask({"cmd": "ping"})["ok"] and other.ask({"cmd": "engine_busy"})["error"] == {
+            "code": "busy", "message": "the daemon is busy; try again"}
+        assert time.monotonic() - t0 < 0.1
+        # the slow client is not timed out while the daemon works for it, and its answers stay in order
+        assert slow.line() == {"ok": True, "result": {"slept": True}}
+        assert slow.line() == {"ok": True, "result": {"pong": True}}
 
 
 def test_oversized_request_is_refused_then_closed(sock_path: Path) -> None:

@@ -264,3 +264,35 @@ def invalidate_cache(source_file: str | os.PathLike[str], work_dir: WorkDir | st
             return safefs.unlink_regular(fd, wd.cache_name) is not None
     except FileNotFoundError:
         return False
+
+
+_HEAD_BYTES: Final = 8192
+
+
+def metadata_from_fd(fd: int) -> CacheMetadata | None:
+    """Header-only read from an open cache fd: one ``pread`` of the first 8 KiB covers the metadata entry
+    of any real cache (a path is at most 4 KiB); a longer header falls back to the streaming reader."""
+    try:
+        head = os.pread(fd, _HEAD_BYTES, 0)
+        unpacker = msgpack.Unpacker(
+            raw=False,
+            strict_map_key=False,
+            max_buffer_size=_HEAD_BYTES,
+            max_str_len=_MAX_STR,
+            max_bin_len=_MAX_STR,
+            max_array_len=_MAX_INNER_ARRAY,
+            max_map_len=_MAX_INNER_MAP,
+            max_ext_len=0,
+        )
+        unpacker.feed(head)
+        try:
+            if unpacker.read_map_header() < 1 or unpacker.unpack() != "metadata":
+                return None
+            return CacheMetadata.from_obj(unpacker.unpack())
+        except msgpack.OutOfData:
+            if len(head) < _HEAD_BYTES:
+                return None  # truncated file
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            return stream_metadata(f)
+    except Exception:  # any decoding failure of hostile bytes is a miss
+        return None

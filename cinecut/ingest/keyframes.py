@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -28,12 +29,13 @@ import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Final
 
 from cinecut.ingest.ffmpeg import MediaError, ProcessSet, ffmpeg_args, media_arg, require_file, run_tool
 from cinecut.ingest.probe import probe
-from cinecut.ingest.scenes import parse_showinfo
+from cinecut.ingest.scenes import parse_showinfo_ticks
 from cinecut.ingest.subtitles import DialogueEvent
 from cinecut.models import KEYFRAME_SOURCES, KeyframeRecord
 from cinecut.workdir import keyframe_name
@@ -44,8 +46,6 @@ JPEG_QUALITY: Final = "2"
 """ffmpeg ``-q:v`` for keyframes (upstream's value; 2 is near-lossless for MJPEG)."""
 TMP_DIR_PREFIX: Final = ".extract-"
 TMP_DIR_SUFFIX: Final = ".tmp"
-_SELECT_EPS_S: Final = 1e-4
-"""Slack for the time-base rounding of the seek point, far below a frame interval."""
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -315,104 +315,94 @@ def extract_keyframes_per_frame(
 
 @dataclass(frozen=True, slots=True)
 class _Run:
-    """One ffmpeg pass: seek to ``start_s``, decode ``span_s`` seconds, keep the frames for ``targets``."""
+    """One ffmpeg pass: seek to ``start`` (exact, in seconds), decode ``span_s``, keep the ``targets``."""
 
     index: int
-    start_s: float
+    start: Fraction
     span_s: float
     targets: tuple[PlanEntry, ...]
 
 
 def group_runs(
-    timestamps: Sequence[float], *, seek_gap_s: float, max_per_run: int, time_base: float = 0.001
-) -> list[tuple[float, list[int]]]:
+    timestamps: Sequence[float],
+    *,
+    seek_gap_s: float,
+    max_per_run: int,
+    time_base: Fraction = Fraction(1, 1000),
+) -> list[tuple[Fraction, list[int]]]:
     """Split sorted timestamps into runs: (seek point, indices); a new run starts after a long gap.
 
     Decoding through ``seek_gap_s`` seconds costs less than a new process and a fresh seek; beyond it,
     seeking wins. ``max_per_run`` bounds the select expression ffmpeg evaluates on every frame. The
-    seek point is a whole multiple of ``time_base`` at least a millisecond before the first timestamp,
-    so the shift ffmpeg applies to timestamps after the seek is exact.
+    seek point is a whole number of ``time_base`` ticks at least a millisecond before the first
+    timestamp, so the shift ffmpeg applies to the timestamps after the seek is exact.
     """
-    runs: list[tuple[float, list[int]]] = []
-    current: list[int] = []
+    groups: list[list[int]] = []
     for i, t in enumerate(timestamps):
-        if current and (t - timestamps[current[-1]] > seek_gap_s or len(current) >= max_per_run):
-            runs.append((0.0, current))
-            current = []
-        current.append(i)
-    if current:
-        runs.append((0.0, current))
-    out = []
-    for _, idx in runs:
-        first = timestamps[idx[0]]
-        start = max(0.0, math.floor((first - 0.001) / time_base) * time_base)
-        out.append((round(start, 6), idx))
-    return out
+        if not groups or t - timestamps[groups[-1][-1]] > seek_gap_s or len(groups[-1]) >= max_per_run:
+            groups.append([])
+        groups[-1].append(i)
+    return [(max(0, math.floor((timestamps[g[0]] - 0.001) / time_base)) * time_base, g) for g in groups]
 
 
-def _select_expr(targets: Sequence[float], start_s: float) -> str:
+def _target_tick(t: float, time_base: Fraction) -> Fraction:
+    """The exact time ``-ss t`` resolves to: ffmpeg rounds it to the stream's time base."""
+    return round(Fraction(t) / time_base) * time_base
+
+
+def _select_expr(targets: Sequence[Fraction], start: Fraction, slack: Fraction) -> str:
     """Pass the first frame at or after each target: ``t >= a`` while the previous frame was before it."""
     terms = []
-    for t in targets:
-        a = f"{t - start_s - _SELECT_EPS_S:.6f}"
+    for target in targets:
+        a = f"{float(target - start - slack):.9f}"
         terms.append(f"gte(t,{a})*not(gte(prev_t,{a}))")
     return f"gt({'+'.join(terms)},0)"
 
 
 def _run_batch(
-    src: Path, run: _Run, out: Path, tmp: Path, *, threads: int, timeout: float | None, procs: ProcessSet
+    run: _Run,
+    *,
+    src: Path,
+    out: Path,
+    tmp: Path,
+    time_base: Fraction,
+    threads: int,
+    timeout: float | None,
+    procs: ProcessSet,
 ) -> list[PlanEntry]:
     """Execute one run; move its JPEGs into place; return the targets it could not serve."""
     work = tmp / f"run{run.index:05d}"
     work.mkdir()
-    seek = ["-ss", f"{run.start_s:.6f}"] if run.start_s > 0 else []
-    expr = _select_expr([t for t, _ in run.targets], run.start_s)
+    slack = time_base / 4  # frames lie on whole ticks: a quarter tick absorbs float error, never a frame
+    targets = [_target_tick(t, time_base) for t, _ in run.targets]
+    seek = ["-ss", f"{float(run.start):.6f}"] if run.start > 0 else []
+    select = f"select='{_select_expr(targets, run.start, slack)}',showinfo"
+    args = ffmpeg_args("-nostats", "-loglevel", "info", "-threads", str(threads))
+    args += [*seek, "-t", f"{run.span_s:.6f}", "-i", media_arg(src), "-map", "0:v:0", "-an", "-sn", "-dn"]
+    args += ["-vf", select, "-fps_mode", "passthrough", "-q:v", JPEG_QUALITY]
+    args += ["-f", "image2", media_arg(work / "%06d.jpg")]
     res = run_tool(
         "ffmpeg",
-        ffmpeg_args(
-            "-nostats",
-            "-loglevel",
-            "info",
-            "-threads",
-            str(threads),
-            *seek,
-            "-t",
-            f"{run.span_s:.6f}",
-            "-i",
-            media_arg(src),
-            "-map",
-            "0:v:0",
-            "-an",
-            "-sn",
-            "-dn",
-            "-vf",
-            f"select='{expr}',showinfo",
-            "-fps_mode",
-            "passthrough",
-            "-q:v",
-            JPEG_QUALITY,
-            "-f",
-            "image2",
-            media_arg(work / "%06d.jpg"),
-        ),
-        what=f"extracting {len(run.targets)} keyframes from {run.start_s:.3f} s of {src}",
+        args,
+        what=f"extracting {len(targets)} keyframes from {float(run.start):.3f} s of {src}",
         timeout=timeout,
         procs=procs,
     )
-    frame_times = [run.start_s + t for t in parse_showinfo(res.stderr)]
+    ticks, shown_base = parse_showinfo_ticks(res.stderr)
+    frame_times = [run.start + tick * shown_base for tick in ticks]
     files = sorted(work.iterdir())
     if len(files) != len(frame_times):
         raise MediaError(f"{src}: ffmpeg wrote {len(files)} frames but reported {len(frame_times)}")
     missing: list[PlanEntry] = []
     used: set[int] = set()
     j = 0
-    for t, source in run.targets:
-        while j < len(frame_times) and frame_times[j] < t - 2 * _SELECT_EPS_S:
+    for entry, target in zip(run.targets, targets):
+        while j < len(frame_times) and frame_times[j] < target - slack:
             j += 1
         if j == len(frame_times) or not is_complete_jpeg(files[j]):
-            missing.append((t, source))
+            missing.append(entry)
             continue
-        dest = out / keyframe_name(t)
+        dest = out / keyframe_name(entry[0])
         if j in used:  # two timestamps within one frame interval: same picture, two names
             part = work / f"copy-{dest.name}"
             shutil.copyfile(files[j], part)
@@ -448,26 +438,24 @@ def extract_keyframes(
     if not todo:
         return _records(entries, out)
     info = probe(src)
-    tb = float(info.time_base)
+    tb = info.time_base
     interval = info.frame_interval_s or 0.1
     groups = group_runs([t for t, _ in todo], seek_gap_s=seek_gap_s, max_per_run=max_per_run, time_base=tb)
     runs = []
     for k, (start, idx) in enumerate(groups):
         targets = tuple(todo[i] for i in idx)
-        span = targets[-1][0] - start + 2 * interval + 0.5
+        span = targets[-1][0] - float(start) + 2 * interval + 0.5
         runs.append(_Run(k, start, span, targets))
     n_workers = workers if workers is not None else max(1, min(4, (os.cpu_count() or 2) // 4))
     with ProcessSet() as procs, _scratch(out) as tmp:
+        job = functools.partial(
+            _run_batch, src=src, out=out, tmp=tmp, time_base=tb, threads=threads, timeout=timeout, procs=procs
+        )
         if n_workers == 1 or len(runs) == 1:
-            results = [
-                _run_batch(src, r, out, tmp, threads=threads, timeout=timeout, procs=procs) for r in runs
-            ]
+            results = [job(r) for r in runs]
         else:
             with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="keyframes") as pool:
-                futures = [
-                    pool.submit(_run_batch, src, r, out, tmp, threads=threads, timeout=timeout, procs=procs)
-                    for r in runs
-                ]
+                futures = [pool.submit(job, r) for r in runs]
                 try:
                     results = [f.result() for f in futures]
                 except BaseException:

@@ -19,15 +19,20 @@ _FRAME_RE: Final = re.compile(rb"Parsed_showinfo_\d+ @ [^\]]*\]\s+n:\s*\d+\s+pts
 _TIMEBASE_RE: Final = re.compile(rb"Parsed_showinfo_\d+ @ [^\]]*\]\s+config in time_base:\s*(\d+)/(\d+)")
 
 
-def parse_showinfo(stderr: bytes) -> list[float]:
-    """Frame times (seconds) from ffmpeg's showinfo log, in log order."""
+def parse_showinfo_ticks(stderr: bytes) -> tuple[list[int], Fraction]:
+    """(pts of each frame showinfo logged, in log order; the time base they count in)."""
     frames = [int(m.group(1)) for m in _FRAME_RE.finditer(stderr)]
-    if not frames:
-        return []
     tb = _TIMEBASE_RE.search(stderr)
     if tb is None or int(tb.group(2)) == 0:
+        if not frames:
+            return [], Fraction(1, 1000)
         raise MediaError("showinfo logged no time base (unexpected ffmpeg version?)")
-    base = Fraction(int(tb.group(1)), int(tb.group(2)))
+    return frames, Fraction(int(tb.group(1)), int(tb.group(2)))
+
+
+def parse_showinfo(stderr: bytes) -> list[float]:
+    """Frame times (seconds) from ffmpeg's showinfo log, in log order."""
+    frames, base = parse_showinfo_ticks(stderr)
     return [float(pts * base) for pts in frames]
 
 

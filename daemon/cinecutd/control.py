@@ -12,12 +12,14 @@ import errno
 import grp
 import json
 import os
+import queue
 import secrets
 import selectors
 import socket
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -162,19 +164,23 @@ class _Conn:
     outbuf: bytearray = field(default_factory=bytearray)
     eof: bool = False  # the client shut down its writing side: answer what it sent, then close
     closing: bool = False  # close once outbuf is flushed
+    in_flight: bool = False  # a request of this client is with a worker; its next ones wait (answers stay in order)
     events: int = 0
 
 
 class ControlServer:
     """Serves the control protocol on a Unix socket from its own thread.
 
-    The handler runs on the server thread, one request at a time: it must return quickly (queue long work
-    to the daemon's main loop). It may raise ControlError(code, message); any other exception is answered
-    as "internal" and the server goes on.
+    All socket I/O happens on one selector thread; handlers run on a few worker threads, so a command
+    that waits for the daemon's main loop (a rescan, a gc) does not stop the server from answering pings,
+    accepting clients and enforcing deadlines. Each client has at most one request with a worker, so its
+    answers come back in order. The handler may raise ControlError(code, message); TimeoutError becomes
+    "busy"; any other exception is answered as "internal" and the server goes on.
     """
 
     def __init__(self, path: Path, handler: Handler, *, mode: int = 0o660, group: str = "",
-                 max_request_bytes: int = 65536, request_timeout: float = 5.0, max_clients: int = 64) -> None:
+                 max_request_bytes: int = 65536, request_timeout: float = 5.0, max_clients: int = 64,
+                 workers: int = 4) -> None:
         self.path = Path(path)
         self.handler = handler
         self.mode = mode
@@ -182,6 +188,10 @@ class ControlServer:
         self.max_request_bytes = max_request_bytes
         self.request_timeout = request_timeout
         self.max_clients = max_clients
+        self.workers = max(1, workers)
+        self._jobs: queue.SimpleQueue[tuple[_Conn, dict[str, Any]] | None] = queue.SimpleQueue()
+        self._done: deque[tuple[_Conn, bytes, bool]] = deque()  # answers from workers, for the loop thread
+        self._worker_threads: list[threading.Thread] = []
         self._listener: socket.socket | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we created
         self._sel: selectors.BaseSelector | None = None
@@ -292,6 +302,11 @@ class ControlServer:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="cinecutd-control", daemon=True)
         self._thread.start()
+        # Daemon threads: a handler stuck in the daemon must not keep the process from exiting.
+        self._worker_threads = [threading.Thread(target=self._work, name=f"cinecutd-control-{i}", daemon=True)
+                                for i in range(self.workers)]
+        for t in self._worker_threads:
+            t.start()
         log.debug("control_listening", socket=str(self.path), mode=f"{self.mode:04o}")
 
     def close(self, timeout: float = 5.0) -> None:
@@ -302,6 +317,12 @@ class ControlServer:
                 self._wake_w.send(b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        for _ in self._worker_threads:
+            self._jobs.put(None)
+        for t in self._worker_threads:
+            if t is not threading.current_thread():
+                t.join(0.1)  # idle workers exit at once; one inside a slow handler is left to finish
+        self._worker_threads = []
         for conn in list(self._conns.values()):
             self._drop(conn)
         for s in (self._listener, self._wake_r, self._wake_w):
@@ -342,7 +363,7 @@ class ControlServer:
         assert self._sel is not None
         while not self._stop.is_set():
             timeout = None
-            if self._backlog:
+            if self._backlog or self._done:
                 timeout = 0.0
             elif self._conns:
                 timeout = max(0.0, min(c.deadline for c in self._conns.values()) - time.monotonic())
@@ -352,6 +373,7 @@ class ControlServer:
                 break
             for key, mask in ready:
                 self._guarded(key.data, self._on_event, key.fileobj, mask)
+            self._deliver()
             # Round robin over clients with more complete requests queued: each gets one batch per turn.
             for conn in list(self._backlog):
                 self._guarded(conn, self._pump, conn)
@@ -408,7 +430,8 @@ class ControlServer:
         assert self._sel is not None
         events = 0
         if (not conn.eof and not conn.closing and len(conn.outbuf) < MAX_OUTPUT_BUFFER
-                and conn not in self._backlog):
+                and conn not in self._backlog
+                and not (conn.in_flight and (b"\n" in conn.inbuf or len(conn.inbuf) > self.max_request_bytes))):
             events |= selectors.EVENT_READ
         if conn.outbuf:
             events |= selectors.EVENT_WRITE
@@ -445,20 +468,20 @@ class ControlServer:
             self._process(conn)
         if not self._send(conn):
             return
-        more = (not conn.closing and len(conn.outbuf) < MAX_OUTPUT_BUFFER
+        more = (not conn.closing and not conn.in_flight and len(conn.outbuf) < MAX_OUTPUT_BUFFER
                 and (b"\n" in conn.inbuf or len(conn.inbuf) > self.max_request_bytes))
         if more:
             self._backlog.add(conn)
         else:
             self._backlog.discard(conn)
-            if not conn.outbuf and (conn.closing or conn.eof):
+            if not conn.outbuf and not conn.in_flight and (conn.closing or conn.eof):
                 self._drop(conn)
                 return
         self._set_events(conn)
 
     def _process(self, conn: _Conn) -> None:
         for _ in range(REQUESTS_PER_TURN):
-            if conn.closing or len(conn.outbuf) >= MAX_OUTPUT_BUFFER:
+            if conn.closing or conn.in_flight or len(conn.outbuf) >= MAX_OUTPUT_BUFFER:
                 return
             nl = conn.inbuf.find(b"\n", 0, self.max_request_bytes + 1)
             if nl < 0:
@@ -469,27 +492,58 @@ class ControlServer:
             del conn.inbuf[: nl + 1]
             if not line.strip():
                 continue
-            conn.outbuf += self._answer(line)
-            # The next request gets a fresh deadline; an idle connection must send it within the timeout.
-            conn.deadline = time.monotonic() + self.request_timeout
+            self.stats["requests"] += 1
+            try:
+                request = parse_request(line)
+            except ControlError as e:
+                self.stats["errors"] += 1
+                conn.outbuf += encode_line(error_reply(e.code, e.message))
+                # The next request gets a fresh deadline; an idle connection must send it in time.
+                conn.deadline = time.monotonic() + self.request_timeout
+                continue
+            conn.in_flight = True
+            self._jobs.put((conn, request))
+            return
 
-    def _answer(self, line: bytes) -> bytes:
-        self.stats["requests"] += 1
-        cmd = None
+    def _work(self) -> None:
+        """A worker thread: run handlers, hand the encoded answers back to the loop thread."""
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            conn, request = job
+            data, failed = self._call_handler(request)
+            self._done.append((conn, data, failed))
+            if self._wake_w is not None:
+                with contextlib.suppress(OSError):
+                    self._wake_w.send(b"!")
+
+    def _call_handler(self, request: dict[str, Any]) -> tuple[bytes, bool]:
         try:
-            request = parse_request(line)
-            cmd = request["cmd"]
             result = self.handler(request)
             if not isinstance(result, dict):
                 raise TypeError(f"handler returned {type(result).__name__}, not a dict")
-            return encode_line({"ok": True, "result": result})
+            return encode_line({"ok": True, "result": result}), False
         except ControlError as e:
-            self.stats["errors"] += 1
-            return encode_line(error_reply(e.code, e.message))
+            return encode_line(error_reply(e.code, e.message)), True
+        except TimeoutError as e:
+            return encode_line(error_reply("busy", str(e) or "the daemon is busy; try again")), True
         except Exception as e:
-            self.stats["errors"] += 1
-            log.exception("control_handler_failed", cmd=cmd)
-            return encode_line(error_reply("internal", f"internal error: {type(e).__name__}: {e}"))
+            log.exception("control_handler_failed", cmd=request.get("cmd"))
+            return encode_line(error_reply("internal", f"internal error: {type(e).__name__}: {e}")), True
+
+    def _deliver(self) -> None:
+        """Queue the workers' answers on their connections (loop thread)."""
+        while self._done:
+            conn, data, failed = self._done.popleft()
+            conn.in_flight = False
+            if failed:
+                self.stats["errors"] += 1
+            if conn.sock.fileno() == -1:
+                continue  # the client went away meanwhile
+            conn.outbuf += data
+            conn.deadline = time.monotonic() + self.request_timeout
+            self._guarded(conn, self._pump, conn)
 
     def _fail(self, conn: _Conn, code: str, message: str) -> None:
         """Queue an error answer and close the connection once it is out (the caller pumps)."""
@@ -515,7 +569,7 @@ class ControlServer:
         return True
 
     def _expire(self, now: float) -> None:
-        for conn in [c for c in self._conns.values() if c.deadline <= now]:
+        for conn in [c for c in self._conns.values() if c.deadline <= now and not c.in_flight]:
             if conn.closing or conn.outbuf:
                 self._drop(conn)  # it would not read its answer in time
                 continue

@@ -29,7 +29,6 @@ from cinecut.stamp import SourceStamp
 from cinecut.workdir import (
     WorkDir,
     is_work_dir_name,
-    same_stem_conflicts,
     stem_of_work_dir,
     subtitle_belongs_to,
 )
@@ -295,11 +294,12 @@ class Engine:
                     state.subtitles = subs
 
     # ----------------------------------------------------------------- film lifecycle
-    def _register(self, film: Path, lib: LibraryConfig) -> FilmState:
+    def _register(self, film: Path, lib: LibraryConfig, subtitles: tuple[Path, ...] | None = None) -> FilmState:
         from cinecutd.discovery import subtitles_of
 
         wd = WorkDir.for_film(film)
-        state = FilmState(film, lib.path, wd.path, subtitles_of(film, lib.subtitle_extensions))
+        subs = subtitles_of(film, lib.subtitle_extensions) if subtitles is None else subtitles
+        state = FilmState(film, lib.path, wd.path, subs, wd=wd)
         self.reg.add(state)
         self.reg.orphans.pop(wd.path, None)
         return state
@@ -559,26 +559,31 @@ class Engine:
                 found[film] = (lib, subs)
             work_dirs |= res.work_dirs
         # Finish migrations a crash interrupted before trusting any work dir.
-        for wd in work_dirs:
-            if os.path.lexists(wd / JOURNAL_NAME):
-                rep = resume_migration(wd)
-                if rep is not None:
-                    log.info("migration_resumed", film=rep.new_film, work_dir=rep.new_work_dir)
-        if any(os.path.lexists(wd / JOURNAL_NAME) is False and not os.path.lexists(wd) for wd in work_dirs):
-            work_dirs = {wd for wd in work_dirs if os.path.lexists(wd)}
-        conflicts = same_stem_conflicts(found)
-        self.reg.conflicts = conflicts
-        conflicted = {f for fs in conflicts.values() for f in fs}
+        for wd in [w for w in work_dirs if os.path.lexists(f"{w}/{JOURNAL_NAME}")]:
+            rep = resume_migration(wd)
+            if rep is not None:
+                log.info("migration_resumed", film=rep.new_film, work_dir=rep.new_work_dir)
+                work_dirs.discard(wd)
+                work_dirs.add(Path(rep.new_work_dir))
+        states: list[FilmState] = []
         for film, (lib, subs) in found.items():
             state = self.reg.films.get(film)
             if state is None:
-                state = self._register(film, lib)
+                state = self._register(film, lib, subs)
             state.subtitles = subs
-            state.conflict = film in conflicted
+            states.append(state)
+        by_wd: dict[Path, list[Path]] = {}
+        for state in states:
+            by_wd.setdefault(state.work_dir, []).append(state.film)
+        conflicts = {wd: sorted(fs) for wd, fs in by_wd.items() if len(fs) > 1}
+        self.reg.conflicts = conflicts
+        conflicted = {f for fs in conflicts.values() for f in fs}
+        for state in states:
+            state.conflict = state.film in conflicted
             self._reconcile_film(state, t0)
         for film in [f for f, s in self.reg.films.items() if s.root in scanned_roots and f not in found]:
             self._film_gone(film)
-        film_work_dirs = {WorkDir.for_film(f).path for f in found}
+        film_work_dirs = set(by_wd)
         self.reg.orphans = {
             wd: self.reg.orphans.get(wd, time.time()) for wd in work_dirs if wd not in film_work_dirs
         }
@@ -609,14 +614,14 @@ class Engine:
         state.stamp, state.inode, state.device = stamp, st.st_ino, st.st_dev
         if state.conflict and not self._owns_work_dir(state):
             return
-        p = probe(state.film, state.subtitles)
+        p = probe(state.film, state.subtitles, wd=state.wd)
         state.has_work_dir = p.exists
         if p.needs_revalidation:
             self._revalidate(state, t0, "rescan")
         elif p.cache is not None:
             state.cache = "valid" if p.cache.stamp == stamp else "stale"
         else:
-            state.cache = "missing" if not p.exists or not os.path.lexists(WorkDir.for_film(state.film).cache_path) else "corrupt"
+            state.cache = "missing" if not p.exists or not os.path.lexists(state.wd.cache_path) else "corrupt"
 
     def _root_missing(self, root: Path) -> None:
         state = self.reg.roots.get(root)

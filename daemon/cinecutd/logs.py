@@ -60,6 +60,8 @@ PRIORITIES = {
     "debug": 7,
 }
 SYSLOG_IDENTIFIER = "cinecutd"
+# libsystemd drops entries silently when this socket is missing (no journald): then log JSON.
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
 # Fields this module sets itself, and fields journald/journalctl give a meaning to: a bound key
 # that maps onto one of them is renamed CINECUT_<NAME> instead of overriding it.
 RESERVED_FIELDS = frozenset({
@@ -309,6 +311,9 @@ def under_systemd(environ: Mapping[str, str] | None = None, stream: TextIO | Non
 
 
 def _journal_sendv() -> Any:
+    """systemd.journal.sendv when journald can be reached, else None."""
+    if not os.path.exists(JOURNAL_SOCKET):
+        return None
     try:
         from systemd import journal
     except Exception:
@@ -325,7 +330,8 @@ def _isatty(stream: TextIO) -> bool:
 
 def resolve_format(fmt: str = "auto", environ: Mapping[str, str] | None = None,
                    stream: TextIO | None = None) -> str:
-    """auto -> journal under systemd (if systemd-python is importable), console on a TTY, else json."""
+    """auto -> journal under systemd (systemd-python importable, journald listening), console on a
+    TTY, else json."""
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if fmt != "auto":
@@ -344,7 +350,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, stream: TextIO 
     chosen = resolve_format(fmt, stream=stream)
     sendv = _journal_sendv() if chosen == "journal" else None
     if chosen == "journal" and sendv is None:
-        chosen = "json"  # systemd-python missing: still log, as JSON lines on stderr
+        chosen = "json"  # no systemd-python or no journald: still log, as JSON lines on stderr
 
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cinecut.stamp import SourceStamp
+from cinecut.workdir import WorkDir
 
 
 @dataclass(slots=True)
@@ -38,6 +39,11 @@ class FilmState:
     stale_fixed: int = 0
     conflict: bool = False
     refused: str | None = None
+    wd: WorkDir | None = None
+
+    def __post_init__(self) -> None:
+        if self.wd is None:
+            self.wd = WorkDir(self.film, self.work_dir)
 
     def settled(self, now: float, settle_seconds: float) -> bool:
         return self.stamp is not None and now - self.last_change >= settle_seconds and self.settle_due is None

@@ -148,6 +148,7 @@ def render_status(result: Mapping[str, Any], console: Console) -> None:
         head.append(f" (since {when(d.get('started_at'))})")
     console.print(head)
 
+    console.print()
     roots = _list(result.get("roots"))
     t = _table("root", "watch", "state", "films", title=f"Roots ({len(roots)})")
     for r in roots:
@@ -156,6 +157,7 @@ def render_status(result: Mapping[str, Any], console: Console) -> None:
                   Text(count(r.get("films"))))
     console.print(t)
 
+    console.print()
     f = _map(result.get("films"))
     parts = [("total", "total"), ("warm", "warm"), ("cold", "cold"), ("stale_fixed", "stale-fixed"),
              ("orphaned", "orphaned"), ("conflicts", "same-stem conflicts"), ("copying", "copying")]
@@ -165,6 +167,7 @@ def render_status(result: Mapping[str, Any], console: Console) -> None:
 
     conflicts = _list(result.get("conflicts"))
     if conflicts:
+        console.print()
         t = _table("work dir", "films sharing it", title=f"Same-stem conflicts ({len(conflicts)})")
         for c in conflicts:
             c = _map(c)
@@ -173,6 +176,7 @@ def render_status(result: Mapping[str, Any], console: Console) -> None:
 
     orphans = _list(result.get("orphans"))
     if orphans:
+        console.print()
         t = _table("orphaned work dir", "size", title=f"Orphaned work dirs ({len(orphans)})")
         total = 0.0
         for o in orphans:
@@ -183,6 +187,7 @@ def render_status(result: Mapping[str, Any], console: Console) -> None:
         console.print(Text(f"{human_bytes(total)} in orphaned work dirs; `cinecutd gc` shows what "
                            "`cinecutd gc --apply` would delete", style="dim"))
 
+    console.print()
     pending = _list(result.get("pending"))
     t = _table("film", "reason", "since", title=f"Pending invalidations ({len(pending)})")
     for p in pending:
@@ -190,6 +195,7 @@ def render_status(result: Mapping[str, Any], console: Console) -> None:
         _row(t, clean(p.get("film", "?")), brief(p.get("reason")), when(p.get("since")))
     console.print(t if pending else Text("Pending invalidations: none", style="bold"))
 
+    console.print()
     recent = _list(result.get("recent_invalidations"))
     if recent:
         t = _table("at", "film", "reason", "stages", "files", "reclaimed", "latency",
@@ -206,12 +212,14 @@ def render_status(result: Mapping[str, Any], console: Console) -> None:
 
     counters = _map(result.get("counters"))
     if counters:
+        console.print()
         line = Text("Counters: ", style="bold")
         line.append("  ".join(
             f"{clean(k)} {human_bytes(v) if k.startswith('bytes') else count(v)}" for k, v in counters.items()))
         console.print(line)
 
     if "prewarm" in result:
+        console.print()
         _render_prewarm(_map(result.get("prewarm")), console)
 
 
@@ -279,27 +287,41 @@ def render_film(result: Mapping[str, Any], console: Console) -> None:
 
 
 def render_gc(result: Mapping[str, Any], console: Console) -> None:
-    """`cinecutd gc [--apply]`: what was (or would be) deleted."""
-    applied = bool(result.get("apply", result.get("applied", False)))
-    orphans = _list(result.get("orphans"))
-    t = _table("orphaned work dir", "size", title=f"Orphaned work dirs ({len(orphans)})")
-    total = 0.0
+    """`cinecutd gc [--apply]`: what was (or would be) deleted from orphaned work dirs."""
+    applied = bool(result.get("applied", result.get("apply", False)))
+    orphans = [_map(o) for o in _list(result.get("orphans"))]
+    t = _table("orphaned work dir", "files", "size", "kept", "note",
+               title=f"Orphaned work dirs ({len(orphans)})")
+    total, errors, removed_dirs = 0.0, 0, 0
     for o in orphans:
-        o = _map(o)
         total += _num(o.get("bytes")) or 0
-        _row(t, clean(o.get("work_dir", "?")), human_bytes(o.get("bytes")))
+        files = o.get("reclaimable")
+        kept = o.get("kept")
+        if o.get("error"):
+            errors += 1
+            note = f"error: {clean(o['error'])}"
+        elif o.get("removed_dir"):
+            removed_dirs += 1
+            note = "directory removed"
+        else:
+            note = ""
+        _row(t, clean(o.get("work_dir", "?")), str(len(files)) if isinstance(files, list) else "-",
+             human_bytes(o.get("bytes")), str(len(kept)) if isinstance(kept, list) else "-", note)
     if orphans:
         console.print(t)
-    if applied:
-        removed = result.get("removed")
-        n = len(removed) if isinstance(removed, list) else count(removed)
-        console.print(Text(f"Deleted the regenerable data of {n} orphaned work dir(s), "
-                           f"{human_bytes(result.get('bytes_reclaimed', total))} reclaimed."))
-    elif orphans:
+        console.print()
+    if not orphans:
+        console.print(Text("No orphaned work dirs."))
+    elif applied:
+        reclaimed = result.get("bytes_reclaimed", total)
+        line = (f"Deleted the regenerable data of {len(orphans) - errors} orphaned work dir(s): "
+                f"{human_bytes(reclaimed)} reclaimed")
+        line += f", {removed_dirs} emptied dir(s) removed" if removed_dirs else ""
+        line += f"; {errors} failed (see the note column)" if errors else ""
+        console.print(Text(line + ". Manifests and unknown files were kept."))
+    else:
         console.print(Text(f"Dry run: {human_bytes(total)} could be reclaimed; run `cinecutd gc --apply` to "
                            "delete the regenerable data (manifests and unknown files are kept)."))
-    else:
-        console.print(Text("No orphaned work dirs."))
     if result.get("message"):
         console.print(Text(clean(result["message"])))
 
