@@ -62,7 +62,9 @@ def build_library(root: Path, n: int, records: int) -> Path:
     shared = root.parent / "shared.scenedesc.msgpack"
     results = [
         (
-            KeyframeRecord(i * 2.5, f"/lib/x_cinecut_work/keyframes/frame_{int(i * 2500):010d}.jpg", "scene_change"),
+            KeyframeRecord(
+                i * 2.5, f"/lib/x_cinecut_work/keyframes/frame_{int(i * 2500):010d}.jpg", "scene_change"
+            ),
             SceneDescription(
                 "A man in a grey suit walks through a crowded train station at dusk, looking over his shoulder",
                 "tense, watchful, with a sense of something about to go wrong",
@@ -211,7 +213,12 @@ def measure_copy(proc: psutil.Process, root: Path, gb: float) -> dict[str, float
     c1 = proc.cpu_times()
     cpu = (c1.user - c0.user) + (c1.system - c0.system)
     dest.unlink()
-    return {"copy_gb": gb, "copy_s": elapsed, "daemon_cpu_s_during_copy": cpu, "daemon_cpu_percent_of_copy": 100 * cpu / elapsed}
+    return {
+        "copy_gb": gb,
+        "copy_s": elapsed,
+        "daemon_cpu_s_during_copy": cpu,
+        "daemon_cpu_percent_of_copy": 100 * cpu / elapsed,
+    }
 
 
 def main() -> int:

@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         scenes = detect_scene_changes(video)
         assert film.subtitle is not None
         plan = plan_of_size(info.duration_s, parse_subtitles(film.subtitle), scenes, args.frames)
-        runs = group_runs(
-            [t for t, _ in plan], seek_gap_s=15.0, max_per_run=64, time_base=info.time_base
-        )
+        runs = group_runs([t for t, _ in plan], seek_gap_s=15.0, max_per_run=64, time_base=info.time_base)
 
         batched: list[tuple[float, float]] = []
         single: list[tuple[float, float]] = []

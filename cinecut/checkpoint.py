@@ -18,7 +18,8 @@ from cinecut import safefs
 from cinecut.workdir import CHECKPOINT_NAME, CKPT_TMP_SUFFIX, WorkDir, as_work_dir
 
 STAGE_NAMES: Final = ("proxy", "subtitles", "keyframes", "structural", "narrative", "assembly", "music")
-MAX_CHECKPOINT_BYTES: Final = 8 << 20
+#: ~100x a real checkpoint (a few KB); a hostile JSON file costs up to ~25x its size to parse.
+MAX_CHECKPOINT_BYTES: Final = 256 << 10
 
 
 @dataclass(slots=True)

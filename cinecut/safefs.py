@@ -37,12 +37,13 @@ def open_dir(path: str | os.PathLike[str], *, follow_last: bool = False) -> int:
     """Open a directory and return its fd.
 
     The last component is not followed unless ``follow_last`` (library roots and film folders may be
-    symlinks the user made; work dirs may not). Raises SymlinkRefused if it is a symlink.
+    symlinks the user made; work dirs may not). Raises SymlinkRefused if it is a symlink or not a directory,
+    judged from the failed open itself: re-checking the path would race with whoever swaps it.
     """
     try:
         return os.open(path, _DIR_FLAGS if follow_last else _NOFOLLOW_DIR)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and not follow_last and os.path.islink(path):
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and not follow_last:
             raise SymlinkRefused(path, "directory") from exc
         raise
 

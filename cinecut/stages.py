@@ -80,7 +80,12 @@ def _file(name: str) -> Artifact:
 
 
 STAGES: Final[tuple[Stage, ...]] = (
-    Stage("proxy", frozenset({Input.VIDEO}), ("proxy_path", "proxy_duration_s"), (_file("{stem}_proxy.mp4"),)),
+    Stage(
+        "proxy",
+        frozenset({Input.VIDEO}),
+        ("proxy_path", "proxy_duration_s"),
+        (_file("{stem}_proxy.mp4"), Artifact(ArtifactKind.TEMP, ".proxy.tmp")),
+    ),
     Stage("subtitles", frozenset({Input.SUBTITLE, Input.VIDEO}), ("dialogue_event_count",)),
     Stage(
         "keyframes",

@@ -20,7 +20,8 @@ from cinecut.stamp import SourceStamp
 from cinecut.workdir import STAMPS_NAME
 
 FORMAT: Final = 1
-MAX_STAMPS_BYTES: Final = 1 << 20
+#: Thousands of subtitle entries; a hostile JSON file costs up to ~25x its size to parse.
+MAX_STAMPS_BYTES: Final = 256 << 10
 _TMP_SUFFIX: Final = ".stamps.tmp"
 
 SubtitleStamps = tuple[tuple[str, SourceStamp], ...]

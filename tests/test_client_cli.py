@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import io
 import json
 import os
@@ -99,7 +100,10 @@ class FakeDaemon:
         def simple(name: str) -> Any:
             def fn() -> dict[str, Any]:
                 self.calls.append((name, {}))
-                return {"message": f"{name} done"} if name != "rescan" else {}
+                if name == "rescan":
+                    return {"reason": "requested", "films": 10234, "orphans": 3, "conflicts": 1,
+                            "duration_s": 0.4123}
+                return {"message": f"{name} done"}
             return fn
 
         return Router({"status": status, "gc": gc, "prewarm": prewarm, "rescan": simple("rescan"),
@@ -181,7 +185,8 @@ def test_gc_rescan_prewarm_pause_resume(daemon: tuple[FakeDaemon, Path]) -> None
     assert "error: work dir locked by a running pipeline" in proc.stdout
     proc = cli("prewarm", "/srv/media/films/X/X.mkv", "--now", "--retry", "--socket", str(sock))
     assert proc.returncode == 0 and proc.stdout == "queued /srv/media/films/X/X.mkv at position 1\n"
-    for cmd, expected in (("rescan", "rescan: ok\n"), ("pause", "pause done\n"), ("resume", "resume done\n")):
+    for cmd, expected in (("rescan", "Rescanned: 10234 films, 3 orphaned work dirs, 1 same-stem conflicts in "
+                                     "412.3 ms\n"), ("pause", "pause done\n"), ("resume", "resume done\n")):
         proc = cli(cmd, "--socket", str(sock))
         assert (proc.returncode, proc.stdout) == (0, expected), proc.stderr
     assert fake.calls == [("gc", {"apply": False}), ("gc", {"apply": True}),
@@ -274,6 +279,13 @@ def test_permission_denied_exits_4_and_names_the_group(public_dir: Path) -> None
         assert fake.calls == []  # nothing reached the daemon
         # the same socket answers its owner
         assert cli("status", "--socket", str(sock), "--json").returncode == 0
+    # a socket owned by another group names that group
+    other = next((g for g in grp.getgrall() if g.gr_gid not in (0, 65534) and "nobody" not in g.gr_mem), None)
+    if other is not None:
+        with ControlServer(sock, fake.router(), group=other.gr_name):
+            assert sock.stat().st_gid == other.gr_gid
+            proc = cli("rescan", "--socket", str(sock), prefix=prefix)
+            assert proc.returncode == 4 and f"usermod -aG {other.gr_name} $USER" in proc.stderr
 
 
 def test_unreadable_config_falls_back_to_the_default_socket(public_dir: Path) -> None:
@@ -308,6 +320,16 @@ def test_systemd_dropin_prints_and_writes(tmp_path: Path) -> None:
     assert os.listdir(target) == ["libraries.conf"]
     proc = cli("systemd-dropin", "--config", str(tmp_path / "missing.toml"))
     assert proc.returncode == 78 and "no such file" in proc.stderr
+    # the default target is the unit's drop-in directory
+    from cinecutd import cli as cli_module
+    from cinecutd.dropin import DROPIN_PATH
+    assert str(cli_module.DROPIN_DIR / cli_module.DROPIN_NAME) == str(DROPIN_PATH)
+    # a library path a unit file cannot hold is refused, and nothing is written
+    odd = tmp_path / "odd.toml"
+    odd.write_text('[[library]]\npath = "/srv/fi\\tlms"\n')
+    proc = cli("systemd-dropin", "--config", str(odd), "--write", "--dir", str(tmp_path / "none"))
+    assert proc.returncode == 78 and "control characters" in proc.stderr
+    assert not (tmp_path / "none").exists()
 
 
 # --------------------------------------------------------------------------------------------- render
@@ -348,9 +370,10 @@ json_values = st.recursive(
 status_keys = st.sampled_from([*STATUS, "pid", "film", "cache", "stamp", "done", "fps"])
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(st.dictionaries(status_keys, json_values, max_size=6))
 def test_rendering_never_crashes_on_arbitrary_answers(result: dict[str, Any]) -> None:
     for fn in (render.render_status, render.render_film, render.render_gc):
         rendered(fn, result)
     render.render_generic("rescan", result, Console(file=io.StringIO(), width=100))
+    render.render_rescan(result, Console(file=io.StringIO(), width=100))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -20,8 +21,8 @@ from hypothesis import strategies as st
 
 from cinecut.checkpoint import PipelineCheckpoint, read_checkpoint, save_checkpoint
 from cinecut.locks import FileLock, LockBusy
+from cinecut.revalidate import revalidate
 from cinecut.stages import STAGES, Input, downstream, invalidate, stale_temp_files
-from cinecut.workdir import WorkDir
 
 ALL_STAGES = ("proxy", "subtitles", "keyframes", "structural", "narrative", "assembly", "music")
 #: From the format page: a video change makes everything stale, a subtitle change everything but the proxy.
@@ -94,7 +95,7 @@ REGENERABLE = {
 
 @pytest.mark.parametrize("changed", ["video", "subtitle"])
 def test_invalidation_removes_exactly_the_right_things(tmp_path: Path, changed: str) -> None:
-    film, wd = make_library(tmp_path)
+    _, wd = make_library(tmp_path)
     lib = tmp_path / "lib"
     before = snapshot(lib)
     ckpt_before = read_checkpoint(wd).checkpoint
@@ -306,10 +307,12 @@ KNOWN = {
     "old_cache_tmp": "tmpaaaa.cache.tmp",
     "young_cache_tmp": "tmpbbbb.cache.tmp",
     "old_ckpt_tmp": "tmpcccc.ckpt.tmp",
+    "old_proxy_tmp": "tmpdddd.proxy.tmp",
+    "young_proxy_tmp": "tmpeeee.proxy.tmp",
     "stamps": "cinecut_stamps.json",
 }
 OWNER = {"proxy": "proxy", "timestamps": "keyframes", "cache": "inference", "partial": "inference",
-         "old_cache_tmp": "inference"}
+         "old_cache_tmp": "inference", "old_proxy_tmp": "proxy"}
 FIELD_VALUES = {
     "proxy_path": st.just("/lib/Film_cinecut_work/Film_proxy.mp4"),
     "keyframe_count": st.integers(0, 5000),
@@ -406,3 +409,54 @@ def test_property_invalidation_is_exact_and_safe(state: dict) -> None:
         again = invalidate(wd, state["changed"])
         assert not again.changed_anything
         assert snapshot(root) == after
+
+
+def test_racing_symlink_swaps_never_reach_outside(tmp_path: Path, outside: Path) -> None:
+    """A second process keeps swapping the work dir and its keyframes dir for symlinks to ``outside`` while
+    invalidations run: check-then-use races must never follow a link (fds and O_NOFOLLOW, not paths)."""
+    film, wd = make_library(tmp_path)
+    for name in ("Heat (1995).scenedesc.msgpack", "Heat (1995)_proxy.mp4", "keyframe_timestamps.json"):
+        (outside / name).write_bytes(b"precious")
+        os.utime(outside / name, ns=(1_000_000_000, 1_000_000_000))
+    before = snapshot(outside, skip=())
+    parked, kf, kf_parked = tmp_path / "parked", wd / "keyframes", wd / "keyframes.parked"
+    real = os.open(wd, os.O_RDONLY | os.O_DIRECTORY)  # the real dirs, whatever their names become
+    real_kf = os.open(kf, os.O_RDONLY | os.O_DIRECTORY)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            while True:
+                for a, b, link_target in ((wd, parked, outside), (kf, kf_parked, outside / "keyframes")):
+                    try:
+                        os.rename(a, b)
+                        os.symlink(link_target, a)
+                        os.unlink(a)
+                        os.rename(b, a)
+                    except OSError:
+                        pass
+        finally:
+            os._exit(0)
+    runs = refused = 0
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for name in ("Heat (1995).scenedesc.msgpack", "Heat (1995)_proxy.mp4"):
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=real))
+            os.close(os.open("frame_0000001500.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=real_kf))
+            report = invalidate(wd, ["video"])
+            os.utime(film)
+            checked = revalidate(film)
+            runs += 1
+            refused += bool(report.refused) + bool(checked.refused)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        for a, b in ((wd, parked), (kf, kf_parked)):
+            if a.is_symlink():
+                a.unlink()
+            if os.path.lexists(b):
+                os.rename(b, a)
+        os.close(real)
+        os.close(real_kf)
+    assert snapshot(outside, skip=()) == before
+    assert runs > 20 and refused > 0, (runs, refused)  # the race was really exercised

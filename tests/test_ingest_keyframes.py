@@ -7,6 +7,7 @@ binary strip, so each JPEG proves which frame it shows.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import subprocess
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from cinecut.demo.film import read_frame_numbers
 from cinecut.ingest import (
     DialogueEvent,
+    SubtitleError,
     detect_scene_changes,
     extract_keyframes,
     extract_keyframes_per_frame,
@@ -26,6 +28,7 @@ from cinecut.ingest import (
     plan_keyframes,
 )
 from cinecut.ingest.keyframes import TMP_DIR_PREFIX, group_runs, is_complete_jpeg
+from cinecut.ingest.planning import plan_film
 from cinecut.models import KEYFRAME_SOURCES
 from cinecut.workdir import keyframe_name
 
@@ -131,14 +134,12 @@ def _expected_frame(t: float, fps: float = 24.0) -> int:
 def _film_plan(film) -> list[tuple[float, str]]:
     dialogue = parse_subtitles(film.subtitle)
     plan = plan_keyframes(film.duration_s, dialogue, list(film.cut_times), max_gap=2.0, min_spacing=0.0)
-    # timestamps landing between frames, two inside one frame interval, and one inside the last frame
-    extra = [
-        (0.0, "interval_fallback"),
-        (12.3456, "interval_fallback"),
-        (12.3567, "interval_fallback"),
-        (film.duration_s - 0.01, "interval_fallback"),
-    ]
-    return sorted(plan + extra)
+    # timestamps between frames, two inside one frame interval, exact frame times (stored rounded to the
+    # millisecond by Matroska, so a hair *before* the timestamp), and one inside the last frame
+    extra = [0.0, 12.3456, 12.3567, 100 / 24, 548 / 24, 579 / 24, film.duration_s - 0.01]
+    plan += [(t, "interval_fallback") for t in extra]
+    unique = {keyframe_name(t): (t, s) for t, s in sorted(plan, reverse=True)}
+    return sorted(unique.values())
 
 
 def test_batched_equals_per_frame_and_shows_the_right_frames(tmp_path: Path, synthetic_film_template):
@@ -212,3 +213,36 @@ def test_keyframe_images_decode_at_proxy_size(tmp_path: Path, synthetic_film_tem
         text=True,
     ).stdout.strip()
     assert out == "mjpeg,320,240"
+
+
+def test_film_plan_without_subtitles_warns(synthetic_film_template, caplog: pytest.LogCaptureFixture):
+    film = synthetic_film_template
+    with caplog.at_level(logging.WARNING, logger="cinecut.ingest.planning"):
+        fp = plan_film(film.video, None, max_gap=4.0)
+    assert fp.warnings == ("no subtitles: keyframes come from scene changes and intervals only",)
+    assert "no subtitles" in caplog.text
+    assert {s for _, s in fp.plan} == {"scene_change", "interval_fallback"}
+    assert [t for t, s in fp.plan if s == "scene_change"] == list(film.cut_times)
+    assert fp.timestamps == sorted(fp.timestamps) and fp.duration_s == pytest.approx(film.duration_s, abs=0.1)
+
+
+def test_film_plan_with_subtitles(tmp_path: Path, synthetic_film_template):
+    film = synthetic_film_template
+    fp = plan_film(film.video, film.subtitle, duration_s=film.duration_s)
+    assert fp.warnings == ()
+    mids = [t for t, s in fp.plan if s == "subtitle_midpoint"]
+    assert mids == [(a + b) / 2 for a, b, _ in film.events]
+    only_comments = tmp_path / "c.ass"
+    only_comments.write_text(
+        "[Script Info]\nScriptType: v4.00+\n\n[V4+ Styles]\n"
+        "Format: Name, Fontname, Fontsize\nStyle: Default,Arial,20\n\n[Events]\n"
+        "Format: Layer, Start, End, Style, Name, MarginL, MarginR, MarginV, Effect, Text\n"
+        "Comment: 0,0:00:01.00,0:00:02.00,Default,,0,0,0,,note\n",
+        encoding="utf-8",
+    )
+    fp = plan_film(film.video, only_comments, duration_s=film.duration_s)
+    assert fp.warnings == ("c.ass has no dialogue: keyframes come from scene changes and intervals only",)
+    bad = tmp_path / "bad.srt"
+    bad.write_text("not subtitles at all\n", encoding="utf-8")
+    with pytest.raises(SubtitleError):
+        plan_film(film.video, bad)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+
 from cinecutd import logs
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from cinecutd.dropin import DropinError, quote_path, render_dropin
 from cinecutd.sdnotify import Notifier, clean_status
 
@@ -94,7 +95,7 @@ def test_unit_is_a_good_neighbour_and_allows_only_the_gpu_devices():
     assert one("IOSchedulingClass") == "best-effort" and int(one("IOSchedulingPriority")) == 7
     assert one("CPUSchedulingPolicy") == "batch"
     assert one("DevicePolicy") == "closed"
-    assert values("DeviceAllow") == ["char-nvidia-frontend rw", "char-nvidia-uvm rw", "char-nvidia-caps r"]
+    assert values("DeviceAllow") == ["char-nvidia-frontend rw", "char-nvidia-uvm rw", "char-nvidia-caps rw"]
     assert not values("PrivateDevices")  # would hide /dev/nvidia*
     assert one("MemoryDenyWriteExecute") == "yes"
     text = UNIT.read_text()

@@ -6,6 +6,7 @@ subtitle file is parsed, so importing this package needs nothing beyond the stan
 
 from cinecut.ingest.ffmpeg import FFmpegMissingError, IngestError, MediaError, MissingInputError
 from cinecut.ingest.keyframes import extract_keyframes, extract_keyframes_per_frame, plan_keyframes
+from cinecut.ingest.planning import FilmPlan, plan_film
 from cinecut.ingest.probe import MediaInfo, UnsupportedMediaError, probe
 from cinecut.ingest.proxy import make_proxy
 from cinecut.ingest.scenes import detect_scene_changes
@@ -14,6 +15,7 @@ from cinecut.ingest.subtitles import DialogueEvent, SubtitleError, parse_subtitl
 __all__ = [
     "DialogueEvent",
     "FFmpegMissingError",
+    "FilmPlan",
     "IngestError",
     "MediaError",
     "MediaInfo",
@@ -25,6 +27,7 @@ __all__ = [
     "extract_keyframes_per_frame",
     "make_proxy",
     "parse_subtitles",
+    "plan_film",
     "plan_keyframes",
     "probe",
 ]

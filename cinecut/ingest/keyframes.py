@@ -43,7 +43,7 @@ from cinecut.workdir import keyframe_name
 PlanEntry = tuple[float, str]
 
 JPEG_QUALITY: Final = "2"
-"""ffmpeg ``-q:v`` for keyframes (upstream's value; 2 is near-lossless for MJPEG)."""
+"""ffmpeg ``-q:v`` for keyframes: near-lossless MJPEG, the picture a vision model describes."""
 TMP_DIR_PREFIX: Final = ".extract-"
 TMP_DIR_SUFFIX: Final = ".tmp"
 

@@ -19,6 +19,8 @@ from cinecutd.config import EX_CONFIG, ConfigError, default_config_path, load_co
 
 DROPIN_DIR = Path("/etc/systemd/system/cinecut-cache.service.d")
 DROPIN_NAME = "libraries.conf"
+SLOW_COMMANDS = ("rescan", "gc")  # they answer when the work is done, which may take a while
+SLOW_TIMEOUT = 180.0
 
 
 def _err(message: str) -> None:
@@ -54,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         where.add_argument("--config", metavar="PATH", help="find the socket in this config's [control].socket")
         where.add_argument("--socket", metavar="PATH", help="the daemon's control socket")
         p.add_argument("--json", action="store_true", help="print the daemon's raw answer as JSON")
-        p.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                       help="seconds to wait for the daemon (default: 10)")
+        slow = name in SLOW_COMMANDS
+        p.add_argument("--timeout", type=float, default=SLOW_TIMEOUT if slow else 10.0, metavar="S",
+                       help=f"seconds to wait for the daemon (default: {SLOW_TIMEOUT if slow else 10:g})")
         return p
 
     p = client("status", "show what the daemon sees (or one film's detail)")
@@ -76,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true",
                    help=f"write it to {DROPIN_DIR / DROPIN_NAME} instead of printing it")
     p.add_argument("--dir", type=Path, default=DROPIN_DIR, metavar="DIR", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("demo", help="run the daemon on a generated demo library and replace the film live")
+    p.add_argument("--dir", type=Path, default=Path("demo-run"), metavar="DIR",
+                   help="where to build the demo library (replaced if it exists; default: ./demo-run)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each pre-warm")
     return parser
 
 
@@ -148,6 +156,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         (render.render_film if args.film else render.render_status)(result, console)
     elif cmd == "gc":
         render.render_gc(result, console)
+    elif cmd == "rescan":
+        render.render_rescan(result, console)
     else:
         render.render_generic(cmd, result, console)
     return 0
@@ -159,9 +169,13 @@ def cmd_dropin(args: argparse.Namespace) -> int:
     except ConfigError as e:
         _err(str(e))
         return EX_CONFIG
-    from cinecutd.dropin import render_dropin
+    from cinecutd.dropin import DropinError, render_dropin
 
-    text = render_dropin([lib.path for lib in config.libraries])
+    try:
+        text = render_dropin([lib.path for lib in config.libraries])
+    except DropinError as e:
+        _err(f"{config.path}: library path: {e}")
+        return EX_CONFIG
     if not args.write:
         sys.stdout.write(text)
         return 0
@@ -192,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "systemd-dropin":
         return cmd_dropin(args)
+    if args.command == "demo":
+        from cinecutd.demo import run_demo
+
+        return run_demo(args.dir, timeout=args.timeout)
     return cmd_client(args)
 
 

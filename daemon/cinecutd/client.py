@@ -7,7 +7,9 @@ Failures are sorted into what a user can act on: the daemon is not running, they
 from __future__ import annotations
 
 import errno
+import grp
 import json
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,14 +101,23 @@ class ControlClient:
             return DaemonNotRunning(f"cinecutd is not running (no daemon listening on {self.path}); "
                                     "start it with: systemctl start cinecut-cache")
         if e.errno in (errno.EACCES, errno.EPERM):
+            group = self._socket_group()
             return PermissionDenied(f"permission denied on {self.path}: only root and members of the "
-                                    f"'{SOCKET_GROUP}' group may use it; join it with "
-                                    f"`sudo usermod -aG {SOCKET_GROUP} $USER` and log in again")
+                                    f"'{group}' group may use it; join it with "
+                                    f"`sudo usermod -aG {group} $USER` and log in again")
         if e.errno == errno.ENOTDIR:
             return DaemonNotRunning(f"cinecutd is not running ({self.path} is not a socket path)")
         if isinstance(e, TimeoutError):
             return ClientError(f"timed out connecting to {self.path}")
         return ClientError(f"cannot connect to {self.path}: {e.strerror or e}")
+
+    def _socket_group(self) -> str:
+        """The group that may use the socket: its own group, unless that is root's (then the packaged one)."""
+        try:
+            gid = os.stat(self.path).st_gid
+            return SOCKET_GROUP if gid == 0 else grp.getgrgid(gid).gr_name
+        except (OSError, KeyError):
+            return SOCKET_GROUP
 
     def close(self) -> None:
         if self._sock is not None:

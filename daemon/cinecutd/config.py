@@ -587,5 +587,23 @@ def render_reference() -> str:
 
 
 
-if __name__ == "__main__":  # `python -m cinecutd.config` prints the reference for docs/config.md
-    print(render_reference(), end="")
+DOC_BEGIN, DOC_END = "<!-- BEGIN GENERATED KEYS -->\n", "<!-- END GENERATED KEYS -->"
+
+
+def splice_reference(doc: str) -> str:
+    """docs/config.md with its generated block replaced by the current reference."""
+    head, rest = doc.split(DOC_BEGIN, 1)
+    _, tail = rest.split(DOC_END, 1)
+    return head + DOC_BEGIN + render_reference() + DOC_END + tail
+
+
+if __name__ == "__main__":
+    # `python -m cinecutd.config` prints the key reference; `python -m cinecutd.config docs/config.md`
+    # rewrites the generated block of that file in place.
+    import sys
+
+    if len(sys.argv) > 1:
+        target = Path(sys.argv[1])
+        target.write_text(splice_reference(target.read_text(encoding="utf-8")), encoding="utf-8")
+    else:
+        print(render_reference(), end="")

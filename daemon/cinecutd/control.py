@@ -240,39 +240,58 @@ class ControlServer:
         raise ControlSocketError(f"{self.path}: another cinecutd is already listening there")
 
     def _bind(self) -> socket.socket:
-        """Bind in a private 0700 directory, set mode and group, then rename into place.
+        """Bind in a private 0700 directory, set mode and group there, then link it into place.
 
         The socket file is never reachable by anyone but us before it has its final mode, whatever the
         process umask, and the process-wide umask is not touched (other threads may be creating files).
+        link(2) never replaces an existing path, so a file that appeared meanwhile is not clobbered.
         """
-        tmpdir = self.path.parent / f".{self.path.name}.{secrets.token_hex(4)}"
-        tmp = tmpdir / "s"
-        for p in (self.path, tmp):
-            if len(os.fsencode(p)) > _SUN_PATH_MAX:
-                raise ControlSocketError(f"{self.path}: socket path too long (at most about "
-                                         f"{_SUN_PATH_MAX - len(tmp.name) - len(tmpdir.name) - 2} bytes)")
+        final_len = len(os.fsencode(self.path))
+        if final_len > _SUN_PATH_MAX:
+            raise ControlSocketError(f"{self.path}: socket path too long ({final_len} bytes, at most "
+                                     f"{_SUN_PATH_MAX})")
         gid = -1
         if self.group:
             try:
                 gid = grp.getgrnam(self.group).gr_gid
             except KeyError:
                 raise ControlSocketError(f"{self.path}: group {self.group!r} does not exist") from None
-        os.mkdir(tmpdir, 0o700)
+        for _ in range(8):
+            tmpdir = self.path.parent / f".{secrets.token_hex(3)}"
+            try:
+                os.mkdir(tmpdir, 0o700)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise ControlSocketError(f"{self.path.parent}: cannot create a private temp directory")
+        tmp = tmpdir / "s"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            if len(os.fsencode(tmp)) > _SUN_PATH_MAX:
+                raise ControlSocketError(f"{self.path}: socket path too long (the directory name "
+                                         f"{self.path.parent} leaves no room)")
             sock.bind(str(tmp))
             if gid != -1:
                 os.chown(tmp, -1, gid, follow_symlinks=False)
             os.chmod(tmp, self.mode)
             st = os.lstat(tmp)
-            os.rename(tmp, self.path)
+            try:
+                os.link(tmp, self.path, follow_symlinks=False)
+            except FileExistsError:
+                raise ControlSocketError(f"{self.path} appeared while the socket was being created; "
+                                         "refusing to replace it") from None
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                os.rename(tmp, self.path)  # a filesystem without hard links
             self._identity = (st.st_dev, st.st_ino)
         except BaseException:
             sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise
         finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             with contextlib.suppress(OSError):
                 os.rmdir(tmpdir)
         return sock
@@ -365,8 +384,10 @@ class ControlServer:
             timeout = None
             if self._backlog or self._done:
                 timeout = 0.0
-            elif self._conns:
-                timeout = max(0.0, min(c.deadline for c in self._conns.values()) - time.monotonic())
+            else:
+                deadlines = [c.deadline for c in self._conns.values() if not c.in_flight]
+                if deadlines:
+                    timeout = max(0.0, min(deadlines) - time.monotonic())
             try:
                 ready = self._sel.select(timeout)
             except OSError:  # selector closed under us by close()

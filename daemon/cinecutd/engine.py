@@ -43,6 +43,7 @@ log = structlog.get_logger("cinecutd")
 #: How long a vanished film is remembered by inode, to recognise a move across roots (delete + create).
 GONE_MEMORY_S = 600.0
 PENDING_RETRY_S = 0.25
+OVERFLOW_RESCAN_GAP_S = 5.0
 
 
 @dataclass(slots=True)
@@ -75,8 +76,16 @@ class Engine:
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._timers: list[tuple[float, str, Path]] = []
         self._gone: dict[tuple[int, int], tuple[Path, SourceStamp, float]] = {}
+        # New films that arrived without a work dir, by inode: when a move's deletion half is reported
+        # after its creation half (two roots, two observers), the vanished film's results still follow.
+        self._fresh: dict[tuple[int, int], tuple[Path, SourceStamp, float]] = {}
+        # Renamed films whose subtitle sidecars still carry the old stem (Radarr renames them one by one
+        # after the film): new film -> old film. Their subtitle check waits for the sidecars to follow.
+        self._renaming: dict[Path, Path] = {}
         self._pending: set[Path] = set()
         self.next_rescan: float | None = None
+        self._overflow_due: float | None = None
+        self._last_overflow_rescan = -OVERFLOW_RESCAN_GAP_S
         self.last_loop = time.monotonic()
         self.on_film_changed: Callable[[FilmState], None] | None = None  # pre-warm scheduling hook
         self.on_reconciled: Callable[[], None] | None = None
@@ -150,8 +159,13 @@ class Engine:
                         self._final_revalidation(state)
                 elif what == "pending":
                     self._retry_pending(film)
+                elif what == "overflow":
+                    self._overflow_due = None
+                    self._last_overflow_rescan = time.monotonic()
+                    self.reconcile("inotify overflow")
                 elif what == "subs":
                     state = self.reg.films.get(film)
+                    self._renaming.pop(film, None)
                     if state is not None:
                         self._subtitles_changed(state, "deleted", now)
             except Exception as exc:
@@ -192,8 +206,15 @@ class Engine:
         c["events"] += 1
         if ev.kind == "overflow":
             c["overflows"] += 1
-            log.warning("inotify_overflow", detail="events were lost; rescanning")
-            self.reconcile("overflow")
+            # Coalesce: a flood can overflow the queue many times a second; one rescan per few seconds
+            # catches everything the kernel dropped without turning the flood into a rescan loop.
+            now = time.monotonic()
+            due = max(now, self._last_overflow_rescan + OVERFLOW_RESCAN_GAP_S)
+            if self._overflow_due is None:
+                self._overflow_due = due
+                log.warning("inotify_overflow", detail="events were lost; rescan scheduled",
+                            in_s=round(due - now, 3))
+                self._push_timer(due, "overflow", Path("/"))
             return
         src = Path(ev.src)
         dest = Path(ev.dest) if ev.dest else None
@@ -339,6 +360,11 @@ class Engine:
             return
         from cinecutd.discovery import subtitles_of
 
+        old_film = self._renaming.get(state.film)
+        if old_film is not None:
+            if self._sidecars_left(old_film, lib):
+                return  # the rest of a rename is on its way
+            del self._renaming[state.film]
         state.subtitles = subtitles_of(state.film, lib.subtitle_extensions)
         state.last_event = (f"subtitle {kind}", time.time())
         self._revalidate(state, t0, f"subtitle {kind}")
@@ -349,6 +375,8 @@ class Engine:
             return
         self.reg.counters["films_gone"] += 1
         if state.inode is not None and state.device is not None and state.stamp is not None:
+            if self._follow_to_twin(state):
+                return
             self._gone[(state.device, state.inode)] = (film, state.stamp, time.monotonic())
         wd = state.work_dir
         still_claimed = any(WorkDir.for_film(f).path == wd for f in self.reg.films_in(film.parent))
@@ -368,18 +396,34 @@ class Engine:
         new_state.stamp, new_state.inode, new_state.device = state.stamp, state.inode, state.device
         new_state.last_event = ("renamed", time.time())
         old_wd = WorkDir.for_film(old_film).path
+        # Its folder moved (the polling observer may report the film's move before the folder's): the
+        # work dir travelled along under the same name, so only the stored paths need rewriting.
+        dir_moved = dir_moved or (
+            old_wd.name == new_state.work_dir.name
+            and not os.path.lexists(old_wd)
+            and os.path.lexists(new_state.work_dir)
+        )
         if dir_moved:
-            old_wd = WorkDir.for_film(new_film).path.parent / old_wd.name  # travelled with its folder
-            old_film_for_paths = old_film
-        else:
-            old_film_for_paths = old_film
+            old_wd = new_state.work_dir
         if os.path.lexists(old_wd) or os.path.lexists(new_state.work_dir):
-            self._migrate(old_film_for_paths, new_film, t0)
+            self._migrate(old_film, new_film, t0, moved_with_folder=dir_moved)
+        if old_film.stem != new_film.stem and self._sidecars_left(old_film, lib):
+            # The subtitles are being renamed after the film: judging them now would take the gap for a
+            # subtitle change and wipe the results. The last sidecar's rename (or a timer) revalidates.
+            self._renaming[new_film] = old_film
+            self._push_timer(time.monotonic() + max(self.config.daemon.settle_seconds, 0.5), "subs", new_film)
+            if SourceStamp.maybe(new_film) == new_state.stamp:
+                return
         self._revalidate(new_state, t0, "renamed")
 
-    def _migrate(self, old_film: Path, new_film: Path, t0: float) -> None:
+    def _sidecars_left(self, old_film: Path, lib: LibraryConfig) -> bool:
+        from cinecutd.discovery import subtitles_of
+
+        return bool(subtitles_of(old_film, lib.subtitle_extensions))
+
+    def _migrate(self, old_film: Path, new_film: Path, t0: float, *, moved_with_folder: bool = False) -> None:
         try:
-            report = migrate_work_dir(old_film, new_film)
+            report = migrate_work_dir(old_film, new_film, moved_with_folder=moved_with_folder)
         except LockBusy:
             log.warning("migration_deferred", film=str(new_film), reason="work dir locked by a pipeline")
             self.reg.orphans.setdefault(WorkDir.for_film(old_film).path, time.time())
@@ -401,6 +445,20 @@ class Engine:
             latency_ms=round((time.monotonic() - t0) * 1000, 3),
         )
 
+    def _follow_to_twin(self, gone: FilmState) -> bool:
+        """The vanished film already reappeared elsewhere (same inode and stamp, no work dir there yet):
+        carry its work dir to it. True if it did."""
+        now = time.monotonic()
+        twin = self._fresh.pop((gone.device or 0, gone.inode or 0), None)
+        if twin is None or twin[1] != gone.stamp or now - twin[2] >= GONE_MEMORY_S:
+            return False
+        state = self.reg.films.get(twin[0])
+        if state is None or os.path.lexists(state.work_dir) or not os.path.lexists(gone.work_dir):
+            return False
+        self._migrate(gone.film, state.film, now)
+        self._revalidate(state, now, "moved")
+        return True
+
     def _adopt_moved_results(self, state: FilmState) -> bool:
         """A new film that is a recently vanished one (same device and inode, same stamp): a move across
         watches. Carry its work dir along."""
@@ -408,7 +466,10 @@ class Engine:
         gone = self._gone.pop(key, None)
         now = time.monotonic()
         self._gone = {k: v for k, v in self._gone.items() if now - v[2] < GONE_MEMORY_S}
+        self._fresh = {k: v for k, v in self._fresh.items() if now - v[2] < GONE_MEMORY_S}
         if gone is None or gone[1] != state.stamp:
+            if state.stamp is not None and not os.path.lexists(state.work_dir):
+                self._fresh[key] = (state.film, state.stamp, now)
             return False
         old_film = gone[0]
         if not os.path.lexists(WorkDir.for_film(old_film).path):

@@ -63,15 +63,30 @@ def _rewrite(path: str | None, old_wd: Path, new_wd: Path, old_film: Path, new_f
     return path
 
 
-def migrate_work_dir(old_film: Path, new_film: Path) -> MigrationReport:
+def migrate_work_dir(old_film: Path, new_film: Path, *, moved_with_folder: bool = False) -> MigrationReport:
     """Move ``old_film``'s work dir to ``new_film``'s and rewrite every stored path.
+
+    ``moved_with_folder``: the film's whole folder was moved, so the work dir is already at its new place
+    (same name); only the stored paths are rewritten, under the same journal as a full move.
 
     Raises LockBusy if a pipeline holds the work dir, MigrationError if the destination work dir already
     exists (another film's results are never overwritten) or the move crosses filesystems.
     """
     old, new = WorkDir.for_film(old_film), WorkDir.for_film(new_film)
     report = MigrationReport(str(old.film), str(new.film), str(old.path), str(new.path))
-    if old.path != new.path:
+    if moved_with_folder and old.path != new.path:
+        if old.path.name != new.path.name or os.path.lexists(old.path):
+            raise MigrationError(f"{new.path} did not travel with its folder from {old.path.parent}")
+        with safefs.work_dir_fd(new.path) as fd:
+            lock = work_dir_lock(new, purpose="migrate", dir_fd=fd)
+            lock.acquire(0.0)
+            try:
+                journal = {"old_film": str(old.film), "new_film": str(new.film)}
+                safefs.atomic_write(fd, JOURNAL_NAME, json.dumps(journal).encode(), tmp_suffix=".journal.tmp")
+            finally:
+                lock.release()
+        report.moved_dir = True
+    elif old.path != new.path:
         if os.path.lexists(new.path):
             raise MigrationError(f"{new.path} already exists; keeping both work dirs")
         with safefs.work_dir_fd(old.path) as fd:

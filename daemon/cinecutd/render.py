@@ -326,6 +326,22 @@ def render_gc(result: Mapping[str, Any], console: Console) -> None:
         console.print(Text(clean(result["message"])))
 
 
+def render_rescan(result: Mapping[str, Any], console: Console) -> None:
+    """`cinecutd rescan`: the reconcile's report."""
+    if "films" not in result:
+        render_generic("rescan", result, console)
+        return
+    dur = _num(result.get("duration_s"))
+    line = f"Rescanned: {count(result.get('films'))} films"
+    for key, label in (("orphans", "orphaned work dirs"), ("conflicts", "same-stem conflicts"),
+                       ("invalidated", "invalidated"), ("fixed", "fixed")):
+        if key in result:
+            line += f", {brief(result.get(key))} {label}"
+    if dur is not None:
+        line += f" in {dur * 1000:.1f} ms" if dur < 1 else f" in {human_duration(dur)}"
+    console.print(Text(line))
+
+
 def render_generic(cmd: str, result: Mapping[str, Any], console: Console) -> None:
     """rescan, prewarm, pause, resume, ping: the daemon's message, else its fields."""
     if isinstance(result.get("message"), str):

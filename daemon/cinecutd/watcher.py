@@ -8,6 +8,7 @@ subtree from a recursive inotify watch; in polling mode work dirs are never even
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -16,7 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserverVFS
 
@@ -27,6 +39,32 @@ from cinecutd.engine import Engine
 log = structlog.get_logger("cinecutd")
 
 _FORWARDED = {"created", "modified", "closed", "moved", "deleted"}
+#: Only these reach inotify's mask: never IN_OPEN / IN_ACCESS / IN_CLOSE_NOWRITE, which our own reads
+#: (and every media server's scans) would otherwise turn into a flood that overflows the kernel queue.
+_EVENT_FILTER = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+]
+
+
+def _schedule(observer: Any, handler: FileSystemEventHandler, path: str) -> None:
+    """``observer.schedule`` with the narrow event filter where this watchdog supports it (>= 4)."""
+    if "event_filter" in inspect.signature(observer.schedule).parameters:
+        observer.schedule(handler, path, recursive=True, event_filter=_EVENT_FILTER)
+    else:
+        observer.schedule(handler, path, recursive=True)
+#: How long watchdog holds an IN_MOVED_FROM to pair it with its IN_MOVED_TO. Its default (0.5 s) is slept
+#: in full even when the pair completes at once, and every event queued behind it waits too: each rename
+#: in a root (Radarr's upgrade, rsync, atomic writers, our own checkpoint writes) would delay invalidation
+#: by half a second. Both halves of a rename are queued together by the kernel, so a short window pairs
+#: them; a move that stays unpaired arrives as delete + create, which the engine matches by inode.
+MOVE_PAIRING_S = 0.02
 INOTIFY_LIMIT_HINT = (
     "inotify watch limit reached; raise it with `sysctl fs.inotify.max_user_watches=524288` "
     "(persist in /etc/sysctl.d/); polling this root instead"
@@ -82,10 +120,26 @@ class _Watch:
     mode: str
 
 
+def _shorten_move_pairing() -> None:
+    """Set watchdog's move-pairing window (the class moved between watchdog releases)."""
+    import importlib
+
+    for module, name in (
+        ("watchdog.observers.inotify_move_event_grouper", "InotifyMoveEventGrouper"),  # watchdog >= 6
+        ("watchdog.observers.inotify_buffer", "InotifyBuffer"),  # older releases
+    ):
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        cls.delay = MOVE_PAIRING_S
+
+
 class Watchers:
     """One observer per library root; roots that are missing are retried by :meth:`ensure`."""
 
     def __init__(self, engine: Engine) -> None:
+        _shorten_move_pairing()
         self.engine = engine
         self._watches: dict[Path, _Watch] = {}
         self._hook = _OverflowHook(engine)
@@ -114,7 +168,7 @@ class Watchers:
         if mode == "inotify":
             try:
                 observer = Observer()
-                observer.schedule(_Forwarder(self.engine), str(lib.path), recursive=True)
+                _schedule(observer, _Forwarder(self.engine), str(lib.path))
                 observer.start()
             except OSError as exc:
                 _stop_quietly(observer)
@@ -129,7 +183,7 @@ class Watchers:
                     return
         if observer is None:
             observer = PollingObserverVFS(os.stat, _filtered_scandir, polling_interval=lib.poll_interval)
-            observer.schedule(_Forwarder(self.engine), str(lib.path), recursive=True)
+            _schedule(observer, _Forwarder(self.engine), str(lib.path))
             observer.start()
         self._watches[lib.path] = _Watch(lib, observer, mode)
         if state is not None:
