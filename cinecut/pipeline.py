@@ -38,6 +38,7 @@ from typing import Any, Final, Protocol
 
 from cinecut import faults, safefs
 from cinecut.checkpoint import (
+    CHECKPOINT_KEYS,
     PipelineCheckpoint,
     ensure_work_dir,
     read_checkpoint_at,
@@ -69,7 +70,7 @@ from cinecut.locks import FileLock, GpuLock, LockBusy, work_dir_lock
 from cinecut.models import KeyframeRecord
 from cinecut.progress import EventKind, ProgressCallback, ProgressEvent, RateMeter, ignore_progress
 from cinecut.revalidate import Revalidation, revalidate
-from cinecut.stages import STAGE_BY_NAME, InvalidationReport, invalidate_at
+from cinecut.stages import STAGE_BY_NAME, InvalidationReport, downstream, invalidate_at
 from cinecut.stamp import SourceStamp, film_path
 from cinecut.stamps import InputStamps, current_stamps, write_stamps_at
 from cinecut.workdir import (
@@ -746,6 +747,7 @@ class _Run:
                                     path=str(self.wd.cache_path)))
             self.emit(ProgressEvent(EventKind.STAGE_DONE, stage="inference", skipped=True))
             return
+        self._reset_after_inference(fd, ckpt)
         writer, done = open_partial(
             fd, self.wd.partial_name, source_file=str(self.film), stamp=self._stamp(),
             plan=plan_of(records), policy=self.sync_policy,
@@ -769,6 +771,25 @@ class _Run:
         self.emit(ProgressEvent(EventKind.CACHE_SAVED, done=len(results), total=len(records),
                                 path=str(self.wd.cache_path)))
         self._ran("inference")
+
+    def _reset_after_inference(self, fd: int, ckpt: PipelineCheckpoint) -> None:
+        """A miss: whatever was built on earlier descriptions is stale, so reset it through the stage graph.
+
+        Upstream's own miss path resets only ``narrative`` and ``assembly``; ``music`` depends on them too.
+        """
+        stale = downstream(["inference"])
+        if ckpt.inference_complete is None and ckpt.cache_hit is None and not any(
+            ckpt.is_complete(st.name) or any(getattr(ckpt, f) is not None for f in st.fields) for st in stale
+        ):
+            return
+        report = InvalidationReport(str(self.wd.path), ["inference"], "no valid SceneDescription cache")
+        invalidate_at(fd, self.wd, stale, report)
+        fresh = read_checkpoint_at(fd).checkpoint
+        if fresh is not None:
+            for name in CHECKPOINT_KEYS:
+                setattr(ckpt, name, getattr(fresh, name))
+        ckpt.inference_complete = ckpt.cache_hit = None
+        self._save(ckpt, fd)
 
     def _discard(self, fd: int) -> FilmChangedError:
         """The film changed under us: reset its stages through the stage graph and say so."""

@@ -6,8 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
-debs=(ffmpeg libsystemd-dev pkg-config python3-venv python3-dev build-essential cmake rsync
-      debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools dpkg-dev fakeroot)
+# Runtime and build: ffmpeg, libsystemd-dev + pkg-config (systemd-python), a compiler and cmake (llama-cpp-python).
+# Tests: rsync (a replacement pattern), systemd + util-linux (the sd-sandbox service tests), and what the .deb
+# is built with and depends on (it installs into the sandbox from these).
+debs=(ffmpeg libsystemd-dev pkg-config python3-venv python3-dev build-essential cmake rsync git
+      systemd util-linux passwd
+      debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel dpkg-dev fakeroot
+      python3-msgpack python3-watchdog python3-structlog python3-systemd python3-rich)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

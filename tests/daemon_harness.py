@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -768,16 +769,24 @@ REPLACEMENTS: dict[str, Callable[[Path], None]] = {
 }
 
 
-def slow_copy(dest: Path, size: int, *, chunk: int = 64 * 1024, seed: int = 7) -> int:
-    """Write ``size`` bytes over ``dest`` in ``chunk`` pieces with a flush after each, like a copy from a
-    slow source; returns the number of writes."""
+def slow_copy(
+    dest: Path, size: int, *, chunk: int = 64 * 1024, seed: int = 7, pause: float = 0.0,
+    stop: threading.Event | None = None,
+) -> int:
+    """Write ``size`` bytes over ``dest`` in ``chunk`` pieces with a flush after each (and ``pause``
+    seconds between them), like a copy from a slow source; returns the number of writes. ``stop`` ends
+    the copy early."""
     block = film_bytes(chunk, seed)
     writes = 0
     with open(dest, "wb") as f:
         for _ in range(0, size, chunk):
+            if stop is not None and stop.is_set():
+                break
             f.write(block)
             f.flush()
             writes += 1
+            if pause:
+                time.sleep(pause)
     return writes
 
 

@@ -195,10 +195,10 @@ def test_save_keeps_permissions(wd: Path) -> None:
     assert stat.S_IMODE((wd / "pipeline_checkpoint.json").stat().st_mode) == 0o600
 
 
-def _writer_forever(wd: Path) -> None:
-    """Child body: save ever-newer checkpoints as fast as possible until killed."""
+def _writer_forever(wd: Path, start: int) -> None:
+    """Child body: save ever-newer checkpoints (numbered from ``start``) as fast as possible until killed."""
     pad = "x" * 150_000  # big enough that a kill regularly lands inside write() or fsync()
-    i = 0
+    i = start
     while True:
         ckpt = full_checkpoint(wd, i)
         ckpt.structural_anchors = {"pad": pad, "i": i}
@@ -209,14 +209,14 @@ def _writer_forever(wd: Path) -> None:
 def test_sigkill_mid_save_leaves_old_or_new_file(wd: Path) -> None:
     """A writer SIGKILLed at random times: the checkpoint always loads (old or new), only temp files remain."""
     rng = random.Random(1234)
-    save_checkpoint(full_checkpoint(wd, -1), wd)
-    last_seen = -1
+    save_checkpoint(full_checkpoint(wd, 0), wd)
+    seen = 0
     interrupted_with_temp = 0
     for _ in range(25):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             try:
-                _writer_forever(wd)
+                _writer_forever(wd, seen + 1)
             finally:
                 os._exit(0)
         time.sleep(rng.uniform(0.002, 0.04))
@@ -229,12 +229,13 @@ def test_sigkill_mid_save_leaves_old_or_new_file(wd: Path) -> None:
         assert set(json.loads((wd / "pipeline_checkpoint.json").read_bytes())) == up.UPSTREAM_CHECKPOINT_KEYS
         assert up.load_checkpoint_strict(wd).keyframe_count == ckpt.keyframe_count
         i = ckpt.keyframe_count - 1234  # type: ignore[operator]
-        assert i >= 0 or last_seen == -1
-        last_seen = i
+        assert i >= seen  # the old file or a newer one, never an older or torn one
+        assert ckpt.structural_anchors is None or ckpt.structural_anchors["i"] == i
+        seen = i
         others = sorted(p.name for p in wd.iterdir() if p.name != "pipeline_checkpoint.json")
         assert all(n.startswith("tmp") and n.endswith(".ckpt.tmp") for n in others), others
         interrupted_with_temp += bool(others)
         for name in others:
             (wd / name).unlink()
-    assert last_seen > 0  # the writer really made progress between kills
+    assert seen > 0  # the writers really made progress between kills
     assert interrupted_with_temp > 0  # and some kills really landed mid-write

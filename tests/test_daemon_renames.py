@@ -33,7 +33,6 @@ from daemon_harness import (
 )
 
 from cinecut.inference.cache import read_cache_file
-from cinecut.workdir import WorkDir
 
 MODES = ["inotify", "poll"]
 

@@ -8,6 +8,7 @@ Files that are not ours (manifests, later-stage output, unknown files, the trail
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,3 +156,20 @@ def test_unrelated_files_change_nothing(runner: DaemonRunner, mode: str) -> None
     assert stays(lambda: warm(film), 0.8)
     st = d.status()
     assert st["films"]["total"] == 1 and st["counters"].get("invalidations", 0) == 0
+
+
+def test_rename_replacements_are_caught_within_milliseconds(runner: DaemonRunner) -> None:
+    """Rename-based replacements are not held back by inotify move pairing (watchdog's default holds
+    every rename, and each event queued behind it, for half a second)."""
+    lib = runner.library()
+    patterns = ["mv_partial", "temp_rename", "hardlink_swap", "rsync"]
+    films = [make_film_with_work_dir(lib / f"Film {i}", f"Film {i}") for i in range(len(patterns))]
+    runner.start([Library(lib)], settle_seconds=SETTLE)
+    latencies = []
+    for film, pattern in zip(films, patterns, strict=True):
+        REPLACEMENTS[pattern](film.path)
+        t0 = time.monotonic()
+        wait_for(lambda f=film: not f.wd.cache_path.exists(), interval=0.002, what=f"{pattern}: cache gone")
+        latencies.append(time.monotonic() - t0)
+    assert min(latencies) < 0.25, latencies
+    assert sorted(latencies)[len(latencies) // 2] < 0.45, latencies

@@ -121,7 +121,7 @@ _MAX_INNER_MAP: Final = 8
 def _bounded_unpacker(f: Any, buffer_size: int, max_str: int) -> msgpack.Unpacker:
     return msgpack.Unpacker(
         f,
-        read_size=min(buffer_size, 4096),
+        read_size=min(buffer_size, 1 << 16),
         max_buffer_size=buffer_size,
         raw=False,
         strict_map_key=False,
@@ -147,8 +147,13 @@ def decode_cache(data: bytes) -> tuple[CacheMetadata, list[Result]]:
     Streams the top-level map and the ``results`` array (whose header is checked, never pre-sized) so
     memory stays proportional to the bytes actually present, whatever lengths a hostile file declares.
     """
-    size = max(len(data), 1)
-    unpacker = _bounded_unpacker(io.BytesIO(data), size, min(size, MAX_CACHE_BYTES))
+    return _decode_stream(io.BytesIO(data), len(data))
+
+
+def _decode_stream(f: Any, size: int) -> tuple[CacheMetadata, list[Result]]:
+    """:func:`decode_cache` reading ``size`` bytes from a file object, one result at a time."""
+    limit = max(size, 1)
+    unpacker = _bounded_unpacker(f, limit, min(limit, MAX_CACHE_BYTES))
     meta: CacheMetadata | None = None
     results: list[Result] | None = None
     try:
@@ -160,12 +165,12 @@ def decode_cache(data: bytes) -> tuple[CacheMetadata, list[Result]]:
                 meta = CacheMetadata.from_obj(unpacker.unpack())
             elif key == "results" and results is None:
                 count = unpacker.read_array_header()
-                if count > min(MAX_RESULTS, len(data)):
+                if count > min(MAX_RESULTS, size):
                     raise ValueError(f"results declares {count} entries")
                 results = [_decode_item(unpacker.unpack(), i) for i in range(count)]
             else:
                 raise ValueError("top level must be a map with exactly metadata and results")
-        if unpacker.tell() != len(data):
+        if unpacker.tell() != size:
             raise ValueError("extra bytes after the cache map")
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ValueError(f"not a msgpack cache: {str(exc) or type(exc).__name__}") from exc
@@ -176,11 +181,19 @@ def decode_cache(data: bytes) -> tuple[CacheMetadata, list[Result]]:
 
 
 def read_cache_file(path: str | os.PathLike[str]) -> tuple[CacheMetadata, list[Result]]:
-    """Read and decode a cache file (no stamp check); OSError/ValueError on failure."""
+    """Read and decode a cache file (no stamp check); OSError/ValueError on failure.
+
+    Streams from the file rather than reading it whole, so garbage is rejected after its first block and
+    never costs its full size in memory.
+    """
     p = Path(path)
-    with safefs.dir_fd(p.parent, follow_last=True) as fd:
-        data = safefs.read_bounded(fd, p.name, MAX_CACHE_BYTES)
-    return decode_cache(data)
+    with safefs.dir_fd(p.parent, follow_last=True) as dfd:
+        fd = safefs.open_regular(dfd, p.name)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        size = os.fstat(fd).st_size
+        if size > MAX_CACHE_BYTES:
+            raise safefs.TooLarge(p.name, size, MAX_CACHE_BYTES)
+        return _decode_stream(f, size)
 
 
 def load_cache(

@@ -26,6 +26,7 @@ from cinecut.inference.cache import read_cache_metadata
 from cinecut.locks import LockBusy, is_work_dir_locked
 from cinecut.revalidate import Revalidation, probe, revalidate
 from cinecut.stamp import SourceStamp
+from cinecut.stamps import read_stamps
 from cinecut.workdir import (
     WorkDir,
     is_work_dir_name,
@@ -323,6 +324,13 @@ class Engine:
         state = FilmState(film, lib.path, wd.path, subs, wd=wd)
         self.reg.add(state)
         self.reg.orphans.pop(wd.path, None)
+        # A same-stem twin appearing live (Heat.mp4 beside Heat.mkv) shares the work dir: mark the conflict
+        # now, so the newcomer cannot invalidate its twin's results before the next rescan notices.
+        claim = sorted(f for f in self.reg.films_in(film.parent) if self.reg.films[f].work_dir == wd.path)
+        if len(claim) > 1:
+            self.reg.conflicts[wd.path] = claim
+            for f in claim:
+                self.reg.films[f].conflict = True
         return state
 
     def _film_touched(self, film: Path, lib: LibraryConfig, kind: str, t0: float) -> FilmState | None:
@@ -379,6 +387,15 @@ class Engine:
                 return
             self._gone[(state.device, state.inode)] = (film, state.stamp, time.monotonic())
         wd = state.work_dir
+        claim = self.reg.conflicts.get(wd)
+        if claim is not None:
+            rest = [f for f in claim if f != film and f in self.reg.films]
+            if len(rest) > 1:
+                self.reg.conflicts[wd] = rest
+            else:
+                del self.reg.conflicts[wd]
+                for f in rest:
+                    self.reg.films[f].conflict = False
         still_claimed = any(WorkDir.for_film(f).path == wd for f in self.reg.films_in(film.parent))
         if not still_claimed and os.path.lexists(wd):
             self.reg.orphans.setdefault(wd, time.time())
@@ -470,11 +487,29 @@ class Engine:
         if gone is None or gone[1] != state.stamp:
             if state.stamp is not None and not os.path.lexists(state.work_dir):
                 self._fresh[key] = (state.film, state.stamp, now)
-            return False
+                return False
+            return self._adopt_travelled_work_dir(state, now)
         old_film = gone[0]
         if not os.path.lexists(WorkDir.for_film(old_film).path):
             return False
         self._migrate(old_film, state.film, now)
+        self._revalidate(state, now, "moved")
+        return True
+
+    def _adopt_travelled_work_dir(self, state: FilmState, now: float) -> bool:
+        """A new film whose folder arrived with its work dir (a folder moved across roots: one watch sees it
+        leave, the other sees it appear, in no useful order). Our sidecar names the film the results belong
+        to; if that is this very file (same device and inode) under its old path, which is gone, only the
+        stored paths need rewriting."""
+        recorded = read_stamps(state.work_dir)
+        if recorded is None or recorded.source_file == str(state.film) or recorded.inode is None:
+            return False
+        old_film = Path(recorded.source_file)
+        if (recorded.device, recorded.inode) != (state.device, state.inode) or os.path.lexists(old_film):
+            return False
+        if WorkDir.for_film(old_film).path.name != state.work_dir.name:
+            return False
+        self._migrate(old_film, state.film, now, moved_with_folder=True)
         self._revalidate(state, now, "moved")
         return True
 
@@ -488,7 +523,7 @@ class Engine:
         except LockBusy as exc:
             self._defer(state, trigger, exc)
             return None
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: e.g. a name that cannot be encoded; never fatal
             log.error("revalidation_failed", film=str(state.film), error=str(exc))
             self.reg.counters["errors"] += 1
             return None

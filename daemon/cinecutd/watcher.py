@@ -11,7 +11,8 @@ import errno
 import inspect
 import logging
 import os
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,24 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserverVFS
 
+try:  # watchdog >= 5 reports a bare mtime change (utime, rsync, Radarr's "change file date") on its own
+    from watchdog.events import FileAttribEvent
+except ImportError:  # older watchdog reports IN_ATTRIB as "modified"
+    FileAttribEvent = None  # type: ignore[assignment,misc]
+
 from cinecut.workdir import WORK_DIR_SUFFIX
 from cinecutd.config import LibraryConfig
 from cinecutd.engine import Engine
 
 log = structlog.get_logger("cinecutd")
 
-_FORWARDED = {"created", "modified", "closed", "moved", "deleted"}
+_FORWARDED = {"created", "modified", "attrib", "closed", "moved", "deleted"}
+#: How long watchdog holds an IN_MOVED_FROM to pair it with its IN_MOVED_TO. Its default (0.5 s) is slept
+#: in full even when the pair completes at once, and every event queued behind it waits too: each rename
+#: in a root (Radarr's upgrade, rsync, atomic writers, our own checkpoint writes) would delay invalidation
+#: by half a second. Both halves of a rename are queued together by the kernel, so a short window pairs
+#: them; a move that stays unpaired arrives as delete + create, which the engine matches by inode.
+MOVE_PAIRING_S = 0.02
 #: Only these reach inotify's mask: never IN_OPEN / IN_ACCESS / IN_CLOSE_NOWRITE, which our own reads
 #: (and every media server's scans) would otherwise turn into a flood that overflows the kernel queue.
 _EVENT_FILTER = [
@@ -50,6 +62,8 @@ _EVENT_FILTER = [
     DirCreatedEvent,
     DirMovedEvent,
     DirDeletedEvent,
+    # utime() alone (no write, no open) changes a film's stamp: upstream's cache is stale from that moment.
+    *([FileAttribEvent] if FileAttribEvent is not None else []),
 ]
 
 
@@ -59,12 +73,8 @@ def _schedule(observer: Any, handler: FileSystemEventHandler, path: str) -> None
         observer.schedule(handler, path, recursive=True, event_filter=_EVENT_FILTER)
     else:
         observer.schedule(handler, path, recursive=True)
-#: How long watchdog holds an IN_MOVED_FROM to pair it with its IN_MOVED_TO. Its default (0.5 s) is slept
-#: in full even when the pair completes at once, and every event queued behind it waits too: each rename
-#: in a root (Radarr's upgrade, rsync, atomic writers, our own checkpoint writes) would delay invalidation
-#: by half a second. Both halves of a rename are queued together by the kernel, so a short window pairs
-#: them; a move that stays unpaired arrives as delete + create, which the engine matches by inode.
-MOVE_PAIRING_S = 0.02
+
+
 INOTIFY_LIMIT_HINT = (
     "inotify watch limit reached; raise it with `sysctl fs.inotify.max_user_watches=524288` "
     "(persist in /etc/sysctl.d/); polling this root instead"
@@ -98,6 +108,25 @@ def _filtered_scandir(path: str | None) -> Iterator[os.DirEntry[str]]:
             if name.startswith(".") or name.endswith(WORK_DIR_SUFFIX):
                 continue
             yield entry
+
+
+def _poll_stat(root: str) -> Callable[[str], os.stat_result]:
+    """``stat`` for the polling observer: symlinked films are followed (Plex users link them), symlinked
+    folders are not (watchdog would descend into them, so a link back up the tree makes every poll walk
+    ``loop/loop/...`` until ELOOP, which it does not survive). The root itself may be a symlink."""
+
+    def poll_stat(path: str) -> os.stat_result:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.stat(path)
+            except OSError:
+                return st
+            if not stat.S_ISDIR(target.st_mode) or os.path.normpath(path) == root:
+                return target
+        return st
+
+    return poll_stat
 
 
 class _OverflowHook(logging.Handler):
@@ -182,9 +211,18 @@ class Watchers:
                         state.state, state.detail = "unreadable", str(exc)
                     return
         if observer is None:
-            observer = PollingObserverVFS(os.stat, _filtered_scandir, polling_interval=lib.poll_interval)
+            observer = PollingObserverVFS(
+                _poll_stat(os.path.normpath(lib.path)), _filtered_scandir, polling_interval=lib.poll_interval
+            )
             _schedule(observer, _Forwarder(self.engine), str(lib.path))
-            observer.start()
+            try:
+                observer.start()
+            except OSError as exc:  # the first snapshot failed (root unreadable or gone meanwhile)
+                _stop_quietly(observer)
+                log.error("watch_failed", root=str(lib.path), error=str(exc))
+                if state is not None:
+                    state.state, state.detail = "unreadable", str(exc)
+                return
         self._watches[lib.path] = _Watch(lib, observer, mode)
         if state is not None:
             state.state = "poll-fallback" if mode == "poll-fallback" else "watching"

@@ -107,6 +107,22 @@ class Job:
         }
 
 
+def build_worker_argv(python: str, film: Path, pw: PrewarmConfig) -> list[str]:
+    """The worker's command line for one film.
+
+    No --subtitle: the pipeline picks the sidecar exactly as ``cinecut analyze FILM`` would, so the
+    keyframe plan (and a partial to resume) is the same whichever of the two runs.
+    """
+    argv = [
+        python, "-m", WORKER_MODULE, "--film", str(film), "--model", str(pw.model), "--mmproj", str(pw.mmproj),
+        "--n-gpu-layers", str(pw.n_gpu_layers), "--n-ctx", str(pw.n_ctx), "--max-tokens", str(pw.max_tokens),
+        "--gpu-lock", str(pw.gpu_lock),
+    ]
+    if pw.vibe:
+        argv += ["--vibe", pw.vibe]
+    return argv
+
+
 def subtitle_stamps(state: FilmState) -> tuple[tuple[str, SourceStamp | None], ...]:
     return tuple((str(p), SourceStamp.maybe(p)) for p in state.subtitles)
 
@@ -347,17 +363,7 @@ class PrewarmScheduler:
         return False
 
     def _default_argv(self, state: FilmState, pw: PrewarmConfig) -> list[str]:
-        # No --subtitle: the pipeline picks the sidecar exactly as ``cinecut analyze FILM`` would, so the
-        # keyframe plan (and a partial to resume) is the same whichever of the two runs.
-        argv = [self._python(), "-m", WORKER_MODULE, "--film", str(state.film)]
-        argv += [
-            "--model", str(pw.model), "--mmproj", str(pw.mmproj),
-            "--n-gpu-layers", str(pw.n_gpu_layers), "--n-ctx", str(pw.n_ctx), "--max-tokens", str(pw.max_tokens),
-            "--gpu-lock", str(pw.gpu_lock),
-        ]
-        if pw.vibe:
-            argv += ["--vibe", pw.vibe]
-        return argv
+        return build_worker_argv(self._python(), state.film, pw)
 
     def _start(self, state: FilmState, decision: Decision) -> None:
         film = state.film
