@@ -168,7 +168,11 @@ class Probe:
 
 
 def probe(
-    film: str | os.PathLike[str], subtitles: list[Path] | tuple[Path, ...] = (), *, wd: WorkDir | None = None
+    film: str | os.PathLike[str],
+    subtitles: list[Path] | tuple[Path, ...] = (),
+    *,
+    wd: WorkDir | None = None,
+    st: os.stat_result | None = None,
 ) -> Probe:
     """Cheap check used by rescans: read the sidecar and the cache header, take no lock, write nothing.
 
@@ -178,7 +182,7 @@ def probe(
     wd = wd if wd is not None else WorkDir.for_film(film)
     try:
         with safefs.work_dir_fd(wd.path) as fd:
-            current = current_stamps(wd.film, list(subtitles))
+            current = current_stamps(wd.film, subtitles, st=st)
             if current.video is None:
                 return Probe(True, False, stamps=current)
             recorded = read_stamps_at(fd)

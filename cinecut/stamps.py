@@ -78,10 +78,16 @@ def _name(entry: tuple[str, SourceStamp]) -> str:
     return entry[0]
 
 
-def current_stamps(film: str | os.PathLike[str], subtitles: list[Path] | tuple[Path, ...]) -> InputStamps:
-    """Stamp the film and its subtitle sidecars now (a vanished film gets ``video=None``)."""
+def current_stamps(
+    film: str | os.PathLike[str], subtitles: list[Path] | tuple[Path, ...], *, st: os.stat_result | None = None
+) -> InputStamps:
+    """Stamp the film and its subtitle sidecars now (a vanished film gets ``video=None``).
+
+    ``st`` is a ``stat`` of the film the caller just made (saves a syscall on a rescan's hot path).
+    """
     try:
-        st = os.stat(film)
+        if st is None:
+            st = os.stat(film)
         video, inode, dev = SourceStamp.from_stat(st), st.st_ino, st.st_dev
     except OSError:
         video, inode, dev = None, None, None
@@ -91,7 +97,9 @@ def current_stamps(film: str | os.PathLike[str], subtitles: list[Path] | tuple[P
         stamp = SourceStamp.maybe(sub)
         if stamp is not None:
             subs.append((subtitle_key(Path(sub).name, stem), stamp))
-    return InputStamps(os.path.abspath(film), video, tuple(sorted(subs, key=_name)), inode, dev)
+    src = os.fspath(film)
+    src = src if os.path.isabs(src) else os.path.abspath(src)
+    return InputStamps(src, video, tuple(sorted(subs, key=_name)) if subs else (), inode, dev)
 
 
 def subtitle_key(name: str, stem: str) -> str:

@@ -32,7 +32,7 @@ from daemon_harness import (
     warm,
 )
 
-SETTLE = 0.3
+SETTLE = 0.2
 MODES = ["inotify", "poll"]
 
 
@@ -52,7 +52,7 @@ def _setup(runner: DaemonRunner, mode: str) -> tuple[Film, Library]:
 def _assert_settled_clean(runner: DaemonRunner, film: Film, before: dict[Path, bytes | None], check) -> None:
     """After the burst settles (final revalidation), the state holds, nothing else changed, and the
     daemon recorded exactly one invalidation for the film."""
-    assert stays(lambda: check(film), SETTLE + 0.4), "state changed after the final revalidation"
+    assert stays(lambda: check(film), SETTLE + 0.3), "state changed after the final revalidation"
     assert no_stale_results(film)
     assert changed_files(before) == []
     d = runner.daemons[-1]

@@ -710,7 +710,7 @@ class Engine:
         state.stamp, state.inode, state.device = stamp, st.st_ino, st.st_dev
         if state.conflict and not self._owns_work_dir(state):
             return
-        p = probe(state.film, state.subtitles, wd=state.wd)
+        p = probe(state.film, state.subtitles, wd=state.wd, st=st)
         state.has_work_dir = p.exists
         if p.needs_revalidation:
             self._revalidate(state, t0, "rescan")
