@@ -57,7 +57,7 @@ from cinecut.inference.models import SceneDescription  # noqa: E402
 from cinecut.locks import work_dir_lock  # noqa: E402
 from cinecut.models import KeyframeRecord  # noqa: E402
 from cinecut.stamp import SourceStamp  # noqa: E402
-from cinecut.stamps import InputStamps, current_stamps, write_stamps_at  # noqa: E402
+from cinecut.stamps import InputStamps, current_stamps, read_stamps_at, write_stamps_at  # noqa: E402
 from cinecut.workdir import (  # noqa: E402
     ASSEMBLY_MANIFEST_NAME,
     CACHE_TMP_SUFFIX,
@@ -72,6 +72,7 @@ from cinecut.workdir import (  # noqa: E402
 ALL_STAGES = ("proxy", "subtitles", "keyframes", "structural", "narrative", "assembly", "music")
 FILM_SIZE = 48 * 1024
 PIPELINE_SETTLE_S = 0.5
+MIN_FILM_GAP_S = 0.2
 INPUT_CHANGES = frozenset({"upgrade_rename_over", "rewrite_in_place", "touch", "subtitle_edit", "subtitle_add",
                            "subtitle_delete"})
 LAST_LIBRARY: Library_ | None = None  # the model of the last run, for post-mortems
@@ -302,6 +303,12 @@ def run_pipeline(lib: Library_, fm: FilmModel, *, hold: float = 0.0) -> str:
             stamps = current_stamps(film, [s for s in subs if s.exists()])
             if stamps.video is None:
                 return "vanished"
+            # The pipeline's cache guard: another run finished these very inputs while this one waited.
+            meta = read_cache_metadata(wd.cache_path)
+            recorded = read_stamps_at(fd)
+            if meta is not None and meta.stamp == stamps.video and recorded is not None \
+                    and (recorded.video, recorded.subtitles) == (stamps.video, stamps.subtitles):
+                return "fresh"
             g = lib.new_gen(fm, stamps)
             _write_results(fd, wd, g, stamps, lib, created)
             if hold:
@@ -418,6 +425,10 @@ class Driver:
         older films stay untouched for long stretches (and their results must survive)."""
         with self.lib.lock:
             films = sorted(self.lib.films.values(), key=lambda f: f.fid)
+        # One film is not renamed, moved or replaced twice within a blink: tools act on a film once per
+        # import or upgrade. The library as a whole still changes many times a second.
+        now = time.monotonic()
+        films = [f for f in films if now - f.last_op >= MIN_FILM_GAP_S] or films
         if not films:
             return None
         if self.rng.random() < 0.75:
@@ -441,6 +452,7 @@ class Driver:
         if fm is None and not op.startswith("arrive"):
             op = "arrive_slow_copy"
         if fm is not None and not op.startswith("arrive"):
+            fm.last_op = time.monotonic()  # busy from now: the pipeline leaves a film alone mid-operation
             fm.history.append(op)
             if op in INPUT_CHANGES:
                 fm.version += 1  # before the change too: a pipeline run that overlaps it is not "unchanged"
@@ -774,6 +786,7 @@ class SoakConfig:
     settle_seconds: float = 0.3
     rate: float = 60.0  # operations per second (mean; exponential gaps)
     pipelines: int = 2
+    log_level: str = "info"
     progress: Callable[[int], None] | None = None
 
 
@@ -799,7 +812,7 @@ def run_soak(base: Path, cfg: SoakConfig) -> SoakResult:
         for name in (TRAILER_MANIFEST_NAME, ASSEMBLY_MANIFEST_NAME, "notes.txt"):
             lib.sacred_file(WorkDir.for_film(fm.path).path / name)
     with DaemonRunner(base) as runner:
-        d = runner.start([Library(r) for r in roots], settle_seconds=cfg.settle_seconds, log_level="info")
+        d = runner.start([Library(r) for r in roots], settle_seconds=cfg.settle_seconds, log_level=cfg.log_level)
         rss0, fds0 = daemon_usage(d)
         rss_max, fds_max = rss0, fds0
         pipes = [Pipeline(lib, cfg.seed + 1 + i) for i in range(cfg.pipelines)]

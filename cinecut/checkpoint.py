@@ -152,8 +152,12 @@ def load_checkpoint(work_dir: WorkDir | str | os.PathLike[str]) -> PipelineCheck
 
 
 def encode_checkpoint(ckpt: PipelineCheckpoint) -> bytes:
-    """Serialize with exactly the upstream keys."""
-    return json.dumps(ckpt.to_dict(), indent=2, ensure_ascii=False).encode() + b"\n"
+    """Serialize with exactly the upstream keys.
+
+    ASCII with ``\\u`` escapes, as upstream's ``json.dump`` writes: a film name that is not valid UTF-8
+    (surrogate-escaped by Python) round-trips instead of failing to encode.
+    """
+    return json.dumps(ckpt.to_dict(), indent=2).encode() + b"\n"
 
 
 def save_checkpoint_at(ckpt: PipelineCheckpoint, dir_fd: int) -> None:

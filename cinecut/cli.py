@@ -102,7 +102,9 @@ class _Display:
         elif kind is EventKind.MODEL_LOADING:
             self.line(f"Loading model {ev.path} …")
         elif kind is EventKind.CACHE_HIT:
-            self.line(f"Cache hit: loaded {ev.done} SceneDescriptions from {ev.path} — LLaVA inference skipped")
+            self.line(
+                f"Cache hit: loaded {ev.done} SceneDescriptions from {ev.path} — LLaVA inference skipped"
+            )
         elif kind is EventKind.FRAME:
             self.frame(ev)
         elif kind is EventKind.CACHE_SAVED:
@@ -122,7 +124,9 @@ class _Display:
                     transient=False,
                 )
                 self.bar.start()
-                self.task = self.bar.add_task("inference", total=ev.total, completed=ev.done - 1, fps=0.0, eta="?")
+                self.task = self.bar.add_task(
+                    "inference", total=ev.total, completed=ev.done - 1, fps=0.0, eta="?"
+                )
             self.bar.update(self.task, completed=ev.done, fps=ev.fps, eta=eta)
         elif self.plain.ready() or ev.done == ev.total:
             self.line(f"inference: {ev.done}/{ev.total} frames, {ev.fps:.1f} frames/s, ETA {eta}")
@@ -196,7 +200,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         display.close_bar()
-        err.print("Interrupted: frames described so far are kept and the next run resumes from them.", markup=False)
+        err.print(
+            "Interrupted: frames described so far are kept and the next run resumes from them.", markup=False
+        )
         return EXIT_INTERRUPTED
     except (IngestError, PipelineError) as exc:
         display.close_bar()
@@ -300,8 +306,13 @@ def _render_status(rep: dict[str, Any], out: Console) -> None:
         out.print(f"{label:<12}{text}", markup=False)
 
     stamp = rep["film_stamp"]
-    line("Film:", f"{rep['film']}" + (f" ({stamp['size']} bytes, mtime {stamp['mtime']})" if stamp else " (missing)"))
-    line("Subtitles:", ", ".join(Path(s).name for s in rep["subtitles"]) or "none (keyframes without dialogue)")
+    line(
+        "Film:",
+        f"{rep['film']}" + (f" ({stamp['size']} bytes, mtime {stamp['mtime']})" if stamp else " (missing)"),
+    )
+    line(
+        "Subtitles:", ", ".join(Path(s).name for s in rep["subtitles"]) or "none (keyframes without dialogue)"
+    )
     line("Work dir:", rep["work_dir"] + ("" if rep["work_dir_exists"] else " (not created yet)"))
     if not rep["work_dir_exists"]:
         return
@@ -312,7 +323,10 @@ def _render_status(rep: dict[str, Any], out: Console) -> None:
     if st is None:
         line("Stamps:", "none recorded yet")
     else:
-        line("Stamps:", "film matches" if st["video_matches"] else "FILM CHANGED since its stages were computed")
+        line(
+            "Stamps:",
+            "film matches" if st["video_matches"] else "FILM CHANGED since its stages were computed",
+        )
     line("Revalidate:", "needed" if rep["needs_revalidation"] else "not needed")
     ck = rep["checkpoint"]
     if ck["status"] != "ok":
@@ -329,7 +343,9 @@ def _render_status(rep: dict[str, Any], out: Console) -> None:
     line("Cache:", f"{cache['state']}{records}")
     p = rep["partial"]
     if p is not None:
-        line("Partial:", f"{p['done']}/{p['total']} frames " + ("(resumable)" if p["resumable"] else "(stale)"))
+        line(
+            "Partial:", f"{p['done']}/{p['total']} frames " + ("(resumable)" if p["resumable"] else "(stale)")
+        )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -372,25 +388,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     an.add_argument("film", help="the film to analyse")
     an.add_argument("--subtitle", help="subtitle file (default: the film's .srt/.ass sidecar, English first)")
-    an.add_argument("--model", default=os.environ.get("CINECUT_MODEL", ""),
-                    help="GGUF LLaVA text model (default: $CINECUT_MODEL); needed only on a cache miss")
-    an.add_argument("--mmproj", default=os.environ.get("CINECUT_MMPROJ", ""),
-                    help="GGUF mmproj of the model (default: $CINECUT_MMPROJ)")
+    an.add_argument(
+        "--model",
+        default=os.environ.get("CINECUT_MODEL", ""),
+        help="GGUF LLaVA text model (default: $CINECUT_MODEL); needed only on a cache miss",
+    )
+    an.add_argument(
+        "--mmproj",
+        default=os.environ.get("CINECUT_MMPROJ", ""),
+        help="GGUF mmproj of the model (default: $CINECUT_MMPROJ)",
+    )
     an.add_argument("--n-gpu-layers", type=int, default=-1, help="layers on the GPU: -1 all (default), 0 CPU")
-    an.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX, help=f"context length (default {DEFAULT_N_CTX})")
-    an.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS,
-                    help=f"token budget per frame (default {DEFAULT_MAX_TOKENS})")
-    an.add_argument("--gpu-lock", type=Path, default=None,
-                    help="GPU lock file shared with the pre-warm daemon (default: /run/cinecut/gpu.lock, "
-                    "else $XDG_RUNTIME_DIR/cinecut/gpu.lock, else /tmp/cinecut-$UID/gpu.lock)")
+    an.add_argument(
+        "--n-ctx", type=int, default=DEFAULT_N_CTX, help=f"context length (default {DEFAULT_N_CTX})"
+    )
+    an.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"token budget per frame (default {DEFAULT_MAX_TOKENS})",
+    )
+    an.add_argument(
+        "--gpu-lock",
+        type=Path,
+        default=None,
+        help="GPU lock file shared with the pre-warm daemon (default: /run/cinecut/gpu.lock, "
+        "else $XDG_RUNTIME_DIR/cinecut/gpu.lock, else /tmp/cinecut-$UID/gpu.lock)",
+    )
     an.add_argument("--vibe", default=DEFAULT_VIBE, help="vibe recorded in a new checkpoint")
     an.add_argument("--json", metavar="OUT", help="write the SceneDescriptions as JSON to OUT (- for stdout)")
-    an.add_argument("--no-wait", action="store_true",
-                    help="fail (exit 75) instead of waiting when another pipeline holds the work dir or GPU")
-    an.add_argument("--max-gap", type=float, default=DEFAULT_MAX_GAP_S,
-                    help=f"longest stretch without a keyframe in a new plan, seconds (default {DEFAULT_MAX_GAP_S:g})")
-    an.add_argument("--max-keyframes", type=_positive_int, default=None,
-                    help="cap a new keyframe plan at this many frames, spread evenly (default: no cap)")
+    an.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="fail (exit 75) instead of waiting when another pipeline holds the work dir or GPU",
+    )
+    an.add_argument(
+        "--max-gap",
+        type=float,
+        default=DEFAULT_MAX_GAP_S,
+        help=f"longest stretch without a keyframe in a new plan, seconds (default {DEFAULT_MAX_GAP_S:g})",
+    )
+    an.add_argument(
+        "--max-keyframes",
+        type=_positive_int,
+        default=None,
+        help="cap a new keyframe plan at this many frames, spread evenly (default: no cap)",
+    )
     an.set_defaults(func=cmd_analyze)
 
     st = sub.add_parser("status", help="show a film's work dir: stamps, stages, cache, partial results")

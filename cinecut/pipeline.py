@@ -272,6 +272,13 @@ class Engine(Protocol):
 EngineFactory = Callable[..., Engine]
 
 
+def _offloads_to_gpu() -> bool:
+    """Whether a loaded model can hold GPU memory (a CPU-only llama.cpp build never does)."""
+    from cinecut.inference.engine import gpu_offload_supported
+
+    return gpu_offload_supported()
+
+
 def _llava_factory(model: Path, mmproj: Path, **kwargs: Any) -> Engine:
     from cinecut.inference.engine import LlavaEngine
 
@@ -460,7 +467,9 @@ class _Run:
             try:
                 gpu.acquire(self.gpu_wait)
             except LockBusy as exc:
-                raise BusyError(f"the GPU ({self.gpu_lock_path}) is held by {_describe_holder(exc.holder)}") from exc
+                raise BusyError(
+                    f"the GPU ({self.gpu_lock_path}) is held by {_describe_holder(exc.holder)}"
+                ) from exc
             return
         waiting = False
         while not gpu.try_acquire():
@@ -547,13 +556,14 @@ class _Run:
 
     def _ran(self, stage: str) -> None:
         assert self.result is not None
+        faults.point(f"pipeline.after_{stage}")
         self.result.stages_run.append(stage)
         self.emit(ProgressEvent(EventKind.STAGE_DONE, stage=stage))
 
     # -- stage 2: subtitles -----------------------------------------------------------------------
 
     def _dialogue(self) -> list[DialogueEvent]:
-        """Dialogue of the chosen subtitle; an unreadable sidecar we picked ourselves falls back to the next."""
+        """Dialogue of the chosen subtitle; an unreadable sidecar we picked ourselves yields to the next."""
         if self._events is not None:
             return self._events
         assert self.result is not None
@@ -609,7 +619,9 @@ class _Run:
         if not self._cache_checked:
             self._cache_checked = True
             results = load_cache(self.film, self.wd)
-            self._cache = results if results is not None and SourceStamp.maybe(self.film) == self.stamp else None
+            self._cache = (
+                results if results is not None and SourceStamp.maybe(self.film) == self.stamp else None
+            )
         return self._cache
 
     def _known_plan(self, fd: int) -> list[PlanEntry] | None:
@@ -642,7 +654,9 @@ class _Run:
         if state is CacheState.VALID:
             return False
         partial = read_partial_at(fd, self.wd.partial_name)
-        return not (partial is not None and partial.header.matches(self.stamp) and partial.done == partial.total)
+        return not (
+            partial is not None and partial.header.matches(self.stamp) and partial.done == partial.total
+        )
 
     def _check_keyframes_dir(self, fd: int) -> None:
         st = safefs.lstat_in(fd, KEYFRAMES_DIR_NAME)
@@ -668,8 +682,11 @@ class _Run:
             max_gap, min_spacing, limit = self.plan_options
             self._dialogue()  # settles which subtitle is used (an unreadable sidecar we picked is skipped)
             fp = plan_film(
-                self.wd.proxy_path, self.subtitle, duration_s=ckpt.proxy_duration_s,
-                max_gap=max_gap, min_spacing=min_spacing,
+                self.wd.proxy_path,
+                self.subtitle,
+                duration_s=ckpt.proxy_duration_s,
+                max_gap=max_gap,
+                min_spacing=min_spacing,
             )
             for message in fp.warnings:
                 self._warn(message)
@@ -682,7 +699,11 @@ class _Run:
             # The partial's header records the plan (with each keyframe's source) before the stage is
             # marked complete, so a resumed run never has to plan again.
             writer, _ = open_partial(
-                fd, self.wd.partial_name, source_file=str(self.film), stamp=self._stamp(), plan=plan_of(records)
+                fd,
+                self.wd.partial_name,
+                source_file=str(self.film),
+                stamp=self._stamp(),
+                plan=plan_of(records),
             )
             writer.close()
         self._check_film()
@@ -743,14 +764,21 @@ class _Run:
             self._save(ckpt, fd)
             remove_partial_at(fd, self.wd.partial_name)
             self.result.results, self.result.cache_hit = cached, True
-            self.emit(ProgressEvent(EventKind.CACHE_HIT, done=len(cached), total=len(cached),
-                                    path=str(self.wd.cache_path)))
+            self.emit(
+                ProgressEvent(
+                    EventKind.CACHE_HIT, done=len(cached), total=len(cached), path=str(self.wd.cache_path)
+                )
+            )
             self.emit(ProgressEvent(EventKind.STAGE_DONE, stage="inference", skipped=True))
             return
         self._reset_after_inference(fd, ckpt)
         writer, done = open_partial(
-            fd, self.wd.partial_name, source_file=str(self.film), stamp=self._stamp(),
-            plan=plan_of(records), policy=self.sync_policy,
+            fd,
+            self.wd.partial_name,
+            source_file=str(self.film),
+            stamp=self._stamp(),
+            plan=plan_of(records),
+            policy=self.sync_policy,
         )
         # Rebuilt from the current records, so frame paths follow a work dir that was moved.
         results: list[Result] = [(records[i], desc) for i, (_, desc) in enumerate(done)]
@@ -768,8 +796,11 @@ class _Run:
         self._save(ckpt, fd)
         remove_partial_at(fd, self.wd.partial_name)
         self.result.results = results
-        self.emit(ProgressEvent(EventKind.CACHE_SAVED, done=len(results), total=len(records),
-                                path=str(self.wd.cache_path)))
+        self.emit(
+            ProgressEvent(
+                EventKind.CACHE_SAVED, done=len(results), total=len(records), path=str(self.wd.cache_path)
+            )
+        )
         self._ran("inference")
 
     def _reset_after_inference(self, fd: int, ckpt: PipelineCheckpoint) -> None:
@@ -778,8 +809,13 @@ class _Run:
         Upstream's own miss path resets only ``narrative`` and ``assembly``; ``music`` depends on them too.
         """
         stale = downstream(["inference"])
-        if ckpt.inference_complete is None and ckpt.cache_hit is None and not any(
-            ckpt.is_complete(st.name) or any(getattr(ckpt, f) is not None for f in st.fields) for st in stale
+        if (
+            ckpt.inference_complete is None
+            and ckpt.cache_hit is None
+            and not any(
+                ckpt.is_complete(st.name) or any(getattr(ckpt, f) is not None for f in st.fields)
+                for st in stale
+            )
         ):
             return
         report = InvalidationReport(str(self.wd.path), ["inference"], "no valid SceneDescription cache")
@@ -799,12 +835,17 @@ class _Run:
             remove_partial_at(fd, self.wd.partial_name)
             why = "was removed"
         else:
-            why = f"is now {now.size} bytes, mtime {now.mtime}; was {self._stamp().size} bytes, mtime {self._stamp().mtime}"
-        reset = f" (reset: {', '.join(rv.report.stages_reset)})" if rv.report and rv.report.stages_reset else ""
+            was = self._stamp()
+            why = f"is now {now.size} bytes, mtime {now.mtime} (was {was.size} bytes, mtime {was.mtime})"
+        reset = (
+            f" (reset: {', '.join(rv.report.stages_reset)})" if rv.report and rv.report.stages_reset else ""
+        )
         return FilmChangedError(f"{self.film} changed during analysis and {why}: results discarded{reset}")
 
     def _infer(self, writer: PartialWriter, records: list[KeyframeRecord], results: list[Result]) -> None:
-        gpu = GpuLock(self.gpu_lock_path, purpose=f"{self.purpose} {self.film.name}", interactive=self.interactive)
+        gpu = GpuLock(
+            self.gpu_lock_path, purpose=f"{self.purpose} {self.film.name}", interactive=self.interactive
+        )
         meter = RateMeter()
         total = len(records)
         engine: Engine | None = None
@@ -815,7 +856,9 @@ class _Run:
             for rec in records[len(results) :]:
                 if self.should_stop():
                     writer.sync()
-                    raise AnalysisStopped(f"stopped after {len(results)} of {total} frames", len(results), total)
+                    raise AnalysisStopped(
+                        f"stopped after {len(results)} of {total} frames", len(results), total
+                    )
                 if gpu.should_yield():
                     engine = self._yield_gpu(gpu, writer, engine, meter, len(results), total)
                 desc = engine.describe(Path(rec.frame_path))
@@ -825,10 +868,17 @@ class _Run:
                 faults.point("prewarm.after_frame")
                 assert self.result is not None
                 self.result.frames_computed = meter.frames
-                self.emit(ProgressEvent(
-                    EventKind.FRAME, stage="inference", done=len(results), total=total, computed=meter.frames,
-                    fps=meter.fps, eta_s=meter.eta(total - len(results)),
-                ))
+                self.emit(
+                    ProgressEvent(
+                        EventKind.FRAME,
+                        stage="inference",
+                        done=len(results),
+                        total=total,
+                        computed=meter.frames,
+                        fps=meter.fps,
+                        eta_s=meter.eta(total - len(results)),
+                    )
+                )
                 self._check_film()
         finally:
             if engine is not None:
@@ -836,12 +886,18 @@ class _Run:
             gpu.release()
 
     def _yield_gpu(
-        self, gpu: GpuLock, writer: PartialWriter, engine: Engine | None, meter: RateMeter, done: int, total: int
+        self,
+        gpu: GpuLock,
+        writer: PartialWriter,
+        engine: Engine | None,
+        meter: RateMeter,
+        done: int,
+        total: int,
     ) -> Engine:
         """Hand the GPU to an interactive run and take it back when it is done; returns a usable engine."""
         writer.sync()
         meter.pause()
-        if not self.keep_model_on_yield and engine is not None:
+        if engine is not None and not self.keep_model_on_yield and _offloads_to_gpu():
             engine.close()  # its VRAM is what the interactive run needs
             engine = None
         gpu.release()
@@ -857,7 +913,7 @@ class _Run:
     # -- commit -----------------------------------------------------------------------------------
 
     def _commit_stamps(self, fd: int) -> None:
-        """Rewrite the stamps sidecar last, only if the inputs are still those the stages were computed from."""
+        """Rewrite the stamps sidecar last, if the inputs are still those the stages were computed from."""
         assert self.inputs is not None
         now = current_stamps(self.film, self.sidecars)
         if now.video == self.inputs.video and now.subtitles == self.inputs.subtitles:

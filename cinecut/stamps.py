@@ -134,5 +134,5 @@ def write_stamps_at(dir_fd: int, stamps: InputStamps, *, durable: bool = False) 
     Not fsynced by default: a sidecar lost to a power cut only makes the next check redo an idempotent
     invalidation or re-adopt the current stamps, so durability would cost latency for nothing.
     """
-    data = json.dumps(stamps.to_dict(), ensure_ascii=False).encode()
+    data = json.dumps(stamps.to_dict()).encode()  # ASCII escapes: non-UTF-8 film names round-trip
     safefs.atomic_write(dir_fd, STAMPS_NAME, data, tmp_suffix=_TMP_SUFFIX, durable=durable)

@@ -112,7 +112,12 @@ class _Reporter:
             self.out.emit("yielded")
         elif ev.kind is EventKind.RESUMED:
             self.out.emit("resumed")
-        elif ev.kind in (EventKind.WARNING, EventKind.WAITING_GPU, EventKind.WAITING_LOCK, EventKind.INVALIDATED):
+        elif ev.kind in (
+            EventKind.WARNING,
+            EventKind.WAITING_GPU,
+            EventKind.WAITING_LOCK,
+            EventKind.INVALIDATED,
+        ):
             log.info("%s: %s", ev.kind.value, ev.message)
 
     def send_progress(self, ev: ProgressEvent) -> None:
@@ -207,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     reporter.flush_progress()
-    out.emit("done", cache=str(result.cache_path), records=result.records, frames_computed=result.frames_computed)
+    out.emit(
+        "done", cache=str(result.cache_path), records=result.records, frames_computed=result.frames_computed
+    )
     return EXIT_DONE
 
 

@@ -402,6 +402,19 @@ def unprivileged_prefix(user: str = "nobody") -> list[str]:
     return [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
 
 
+def unprivileged_problem(user: str = "nobody") -> str | None:
+    """Why a daemon cannot be run as ``user`` here (None when it can): not root, no setpriv, or the
+    project and its virtualenv not readable by that user (a checkout in a private home dir)."""
+    try:
+        prefix = unprivileged_prefix(user)
+    except (RuntimeError, KeyError) as e:
+        return str(e)
+    probe = subprocess.run([*prefix, *daemon_command(), "--version"], capture_output=True, timeout=60, cwd="/")
+    if probe.returncode != 0:
+        return f"cinecutd cannot run as {user}: {probe.stderr.decode(errors='replace')[-300:]}"
+    return None
+
+
 def chown_tree(path: Path, user: str) -> None:
     """Give a folder tree to ``user`` (for a daemon run through :func:`unprivileged_prefix`)."""
     uid, gid = _ids(user)
@@ -684,11 +697,10 @@ def truncate_and_write(film: Path, data: bytes | None = None) -> None:
 
 
 def staging_dir(film: Path) -> Path:
-    """A folder beside the library root (same filesystem, outside the watches) for files to move in."""
+    """A fresh folder for files to move in: same filesystem, outside the library root, assuming the
+    harness layout ``<base>/<library>/<folder>/<film>`` (or ``<base>/<library>/<film>``)."""
     root = film.parents[1] if film.parent.parent.name else film.parent
-    d = root.parent / "incoming"
-    d.mkdir(exist_ok=True)
-    return d
+    return Path(tempfile.mkdtemp(prefix="incoming-", dir=root.parent))
 
 
 def cp_over(film: Path, data: bytes | None = None) -> None:

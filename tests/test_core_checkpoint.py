@@ -239,3 +239,21 @@ def test_sigkill_mid_save_leaves_old_or_new_file(wd: Path) -> None:
             (wd / name).unlink()
     assert seen > 0  # the writers really made progress between kills
     assert interrupted_with_temp > 0  # and some kills really landed mid-write
+
+
+def test_bytes_match_upstream_writer_and_non_utf8_names_round_trip(tmp_path: Path) -> None:
+    """A film whose name is not valid UTF-8 (Python surrogate-escapes it) is written as upstream writes it."""
+    folder = tmp_path / os.fsdecode(b"Am\xe9lie (2001)")
+    folder.mkdir()
+    film = folder / os.fsdecode(b"Am\xe9lie.mkv")
+    film.write_bytes(b"film")
+    wd = WorkDir.for_film(film).path
+    ckpt = full_checkpoint(wd)
+    ckpt.source_file = str(film)
+    theirs = tmp_path / "theirs_cinecut_work"
+    up.save_checkpoint(up.PipelineCheckpoint(**ckpt.to_dict()), theirs)
+    save_checkpoint(ckpt, wd)
+    ours = (wd / "pipeline_checkpoint.json").read_bytes()
+    assert ours.rstrip(b"\n") == (theirs / "pipeline_checkpoint.json").read_bytes()
+    assert read_checkpoint(wd).checkpoint == ckpt
+    assert up.load_checkpoint_strict(wd).source_file == str(film)

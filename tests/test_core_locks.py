@@ -105,7 +105,7 @@ def test_second_process_try_fails_timeout_waits_then_lock_freed_by_sigkill(
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     got = float(line(waiter)[1])
-    assert got - killed_at < 0.5
+    assert got - killed_at < 1.0  # the waiter polls at most every 0.2 s
     waiter.kill()
     waiter.wait()
     assert is_work_dir_locked(wd) is False
@@ -189,8 +189,10 @@ def test_prewarm_yields_within_milliseconds_and_interactive_gets_gpu(
         other.release()
     print(f"yield latency {[round(y * 1e3, 2) for y in yields]} ms, handover {[round(h * 1e3, 2) for h in handovers]} ms")
     assert all(y >= 0 for y in yields) and all(h >= 0 for h in handovers)
-    assert min(yields) < 0.01 and max(yields) < 0.5
-    assert min(handovers) < 0.05 and max(handovers) < 0.5
+    # Idle machine: ~0.1-1 ms to yield, ~10 ms handover (the waiter's first poll). The bounds leave room for
+    # a CI machine busy with other tests, where a sleeping process can wait tens of ms to be scheduled.
+    assert min(yields) < 0.05 and max(yields) < 1.0
+    assert min(handovers) < 0.1 and max(handovers) < 1.0
 
 
 def test_interactive_waits_for_another_interactive(tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:

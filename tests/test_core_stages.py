@@ -460,3 +460,14 @@ def test_racing_symlink_swaps_never_reach_outside(tmp_path: Path, outside: Path)
         os.close(real_kf)
     assert snapshot(outside, skip=()) == before
     assert runs > 20 and refused > 0, (runs, refused)  # the race was really exercised
+
+
+def test_non_utf8_film_is_invalidated_like_any_other(tmp_path: Path) -> None:
+    film = tmp_path / os.fsdecode(b"Am\xe9lie.mkv")
+    film.write_bytes(b"film")
+    wd = up.run_pipeline(film, frames=2, subtitle=False)
+    report = invalidate(wd, ["video"])
+    assert report.errors == [] and set(report.stages_reset) == STALE["video"]
+    ckpt = read_checkpoint(wd).checkpoint
+    assert ckpt is not None and ckpt.stages_complete == [] and ckpt.source_file == str(film)
+    assert up.load_checkpoint_strict(wd).source_file == str(film)

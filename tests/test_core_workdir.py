@@ -156,3 +156,20 @@ def test_stamps_with_duplicate_subtitle_names_are_unusable_not_a_crash(tmp_path:
     assert read_stamps(wd) is None
     with pytest.raises(ValueError):
         InputStamps.from_dict(doc)
+
+
+def test_stamps_of_a_non_utf8_film_round_trip(tmp_path: Path) -> None:
+    film = tmp_path / os.fsdecode(b"Caf\xe9.mkv")
+    film.write_bytes(b"film")
+    sub = tmp_path / os.fsdecode(b"Caf\xe9.fr.srt")
+    sub.write_text("1")
+    wd = WorkDir.for_film(film)
+    wd.path.mkdir()
+    stamps = current_stamps(film, subtitle_sidecars(film))
+    assert len(stamps.subtitles) == 1
+    fd = os.open(wd.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        write_stamps_at(fd, stamps)
+    finally:
+        os.close(fd)
+    assert read_stamps(wd.path) == stamps

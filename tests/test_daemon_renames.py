@@ -209,3 +209,31 @@ def test_renamed_onto_an_existing_work_dir_never_overwrites_it(runner: DaemonRun
     assert snapshot(theirs) == theirs
     st = wait_for(lambda: (s := d.status())["films"]["orphaned"] == 1 and s, what="orphan reported")
     assert st["orphans"][0]["work_dir"] == str(film.wd.path)
+
+
+def test_renames_while_the_daemon_was_down_keep_results(runner: DaemonRunner) -> None:
+    """The startup reconcile recognises films by the inode and stamp recorded in the stamps sidecar: a
+    film renamed, a folder renamed and a film moved to another root while the daemon was stopped."""
+    a, b = runner.library("films"), runner.library("films-4k")
+    renamed = make_film_with_work_dir(a / "Heat (1995)", "Heat (1995)", subtitles=())
+    refoldered = make_film_with_work_dir(a / "Ronin (1998)", "Ronin (1998)")
+    crossed = make_film_with_work_dir(a / "Alien (1979)", "Alien (1979)", subtitles=())
+    d = runner.start([Library(a), Library(b)])
+    rc, _ = d.stop()
+    assert rc == 0
+
+    new_renamed = _moved(renamed, renamed.path.with_name("Heat.1995.mkv"))
+    os.rename(renamed.path, new_renamed.path)
+    new_folder = a / "Ronin (1998) {tmdb-8195}"
+    os.rename(refoldered.path.parent, new_folder)
+    new_refoldered = Film(new_folder / refoldered.path.name, tuple(new_folder / s.name for s in refoldered.subtitles))
+    (b / "Alien (1979)").mkdir()
+    new_crossed = _moved(crossed, b / "Alien (1979)" / crossed.path.name)
+    os.rename(crossed.path, new_crossed.path)
+
+    d = runner.daemon(d.config).start()
+    for old, new in ((renamed, new_renamed), (refoldered, new_refoldered), (crossed, new_crossed)):
+        assert results_followed(old, new), (new.path, work_state(new))
+        assert_upstream_accepts(new)
+    st = d.status()
+    assert st["films"]["orphaned"] == 0 and st["counters"].get("invalidations", 0) == 0

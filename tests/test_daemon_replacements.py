@@ -99,6 +99,17 @@ def test_replacement_while_stopped_is_fixed_before_ready(runner: DaemonRunner, p
     assert changed_files(before) == []
 
 
+def test_subtitle_edited_while_stopped_is_fixed_before_ready(runner: DaemonRunner) -> None:
+    film, lib = _setup(runner, "inotify")
+    d = runner.start([lib], settle_seconds=SETTLE)
+    rc, _ = d.stop()
+    assert rc == 0
+    film.subtitles[0].write_text(SRT.replace("Goodbye.", "Farewell."))
+    d = runner.daemon(d.config).start()
+    assert subtitles_invalidated(film)
+    assert invalidations_of(d, film)[0]["trigger"] == "rescan"
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_subtitle_edited_resets_from_subtitles_and_keeps_the_proxy(runner: DaemonRunner, mode: str) -> None:
     film, lib = _setup(runner, mode)

@@ -35,8 +35,11 @@ SOURCES = ("subtitle_midpoint", "scene_change", "interval_fallback")
 
 def _records(wd: WorkDir, n: int) -> list[KeyframeRecord]:
     return [
-        KeyframeRecord(1.5 + 2.25 * i, str(wd.keyframes_dir / f"frame_{int((1.5 + 2.25 * i) * 1000):010d}.jpg"),
-                       SOURCES[i % 3])
+        KeyframeRecord(
+            1.5 + 2.25 * i,
+            str(wd.keyframes_dir / f"frame_{int((1.5 + 2.25 * i) * 1000):010d}.jpg"),
+            SOURCES[i % 3],
+        )
         for i in range(n)
     ]
 
@@ -56,8 +59,9 @@ def wd(tmp_path: Path) -> WorkDir:
 
 def _write(wd: WorkDir, records: list[KeyframeRecord], n_done: int, **kw: object) -> PartialWriter:
     with safefs.work_dir_fd(wd.path) as fd:
-        writer, done = open_partial(fd, wd.partial_name, source_file=str(wd.film), stamp=STAMP,
-                                    plan=plan_of(records), **kw)  # type: ignore[arg-type]
+        writer, done = open_partial(
+            fd, wd.partial_name, source_file=str(wd.film), stamp=STAMP, plan=plan_of(records), **kw
+        )  # type: ignore[arg-type]
     for i in range(len(done), n_done):
         writer.append(records[i], _desc(i))
     return writer
@@ -108,7 +112,9 @@ def test_every_truncation_of_the_last_entry_keeps_the_prefix_and_resume_repairs_
     # A crash mid-append: resume cuts the torn bytes off and appends after the valid prefix.
     wd.partial_cache_path.write_bytes(full[: cut_base + len(last) // 2])
     with safefs.work_dir_fd(wd.path) as fd:
-        writer, done = open_partial(fd, wd.partial_name, source_file=str(wd.film), stamp=STAMP, plan=plan_of(records))
+        writer, done = open_partial(
+            fd, wd.partial_name, source_file=str(wd.film), stamp=STAMP, plan=plan_of(records)
+        )
     assert len(done) == 4
     writer.append(records[4], _desc(4))
     writer.close()
@@ -117,7 +123,13 @@ def test_every_truncation_of_the_last_entry_keeps_the_prefix_and_resume_repairs_
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"\x00" * 64, b"\xc1\xc1\xc1", b"\x92\x01\x02", msgpack.packb({"record": 1, "description": None}), os.urandom(97)],
+    [
+        b"\x00" * 64,
+        b"\xc1\xc1\xc1",
+        b"\x92\x01\x02",
+        msgpack.packb({"record": 1, "description": None}),
+        os.urandom(97),
+    ],
     ids=["zeros", "reserved-byte", "wrong-type", "bad-record", "random"],
 )
 def test_trailing_garbage_ends_the_prefix_and_is_cut_off_on_resume(wd: WorkDir, garbage: bytes) -> None:
@@ -151,11 +163,15 @@ def test_resume_only_for_the_same_film_stamp_and_plan(wd: WorkDir) -> None:
     records = _records(wd, 6)
     _write(wd, records, 4).close()
     with safefs.work_dir_fd(wd.path) as fd:
-        w, done = open_partial(fd, wd.partial_name, source_file=str(wd.film), stamp=STAMP, plan=plan_of(records))
+        w, done = open_partial(
+            fd, wd.partial_name, source_file=str(wd.film), stamp=STAMP, plan=plan_of(records)
+        )
         w.close()
         assert len(done) == 4
         other_stamp = SourceStamp(STAMP.mtime, STAMP.size + 1)
-        w, done = open_partial(fd, wd.partial_name, source_file=str(wd.film), stamp=other_stamp, plan=plan_of(records))
+        w, done = open_partial(
+            fd, wd.partial_name, source_file=str(wd.film), stamp=other_stamp, plan=plan_of(records)
+        )
         w.close()
         assert done == []
         got = read_partial_at(fd, wd.partial_name)
@@ -189,8 +205,7 @@ def test_sync_policy_counts_frames(wd: WorkDir) -> None:
 
 def test_hostile_headers_are_refused_without_large_allocations(wd: WorkDir) -> None:
     huge_plan = (
-        b"\x87"
-        + msgpack.packb("plan") + b"\xdd\x7f\xff\xff\xff"  # an array declaring 2**31 entries
+        b"\x87" + msgpack.packb("plan") + b"\xdd\x7f\xff\xff\xff"  # an array declaring 2**31 entries
     )
     huge_string = b"\x87" + msgpack.packb("format") + b"\xdb\x7f\xff\xff\xff" + b"x" * 10
     deep = b"\x91" * 100_000

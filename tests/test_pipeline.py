@@ -20,7 +20,7 @@ import msgpack
 import pytest
 import upstream_reader as up
 
-from cinecut import safefs
+from cinecut import pipeline, safefs
 from cinecut.checkpoint import load_checkpoint, save_checkpoint
 from cinecut.demo.film import SyntheticFilm, make_synthetic_film
 from cinecut.demo.tinymodel import TinyLlava
@@ -42,6 +42,7 @@ from cinecut.pipeline import (
     prepare_lock_dir,
 )
 from cinecut.progress import EventKind, ProgressEvent
+from cinecut.stages import Input, invalidate
 from cinecut.stamp import SourceStamp
 from cinecut.stamps import read_stamps
 from cinecut.workdir import WorkDir
@@ -85,8 +86,10 @@ def clone_film_dir(film: Path, folder: Path, *, keep_cache: bool = True) -> Path
     save_checkpoint(ckpt, wd)
     if wd.cache_path.exists():
         meta, results = read_cache_file(wd.cache_path)
-        moved = [(KeyframeRecord(r.timestamp_s, str(wd.keyframes_dir / Path(r.frame_path).name), r.source), d)
-                 for r, d in results]
+        moved = [
+            (KeyframeRecord(r.timestamp_s, str(wd.keyframes_dir / Path(r.frame_path).name), r.source), d)
+            for r, d in results
+        ]
         if keep_cache:
             save_cache(moved, new_film, wd, stamp=meta.stamp)
         else:
@@ -111,9 +114,15 @@ def analyzed_film(
         shutil.rmtree(base, ignore_errors=True)
         film = copy_film(template, base)
         factory, events = CountingFactory(), []
-        result = analyze(film, model=tiny.model_path, mmproj=tiny.mmproj_path, n_gpu_layers=0,
-                         gpu_lock_path=base.parent / "analyzed-gpu.lock", progress=events.append,
-                         engine_factory=factory)
+        result = analyze(
+            film,
+            model=tiny.model_path,
+            mmproj=tiny.mmproj_path,
+            n_gpu_layers=0,
+            gpu_lock_path=base.parent / "analyzed-gpu.lock",
+            progress=events.append,
+            engine_factory=factory,
+        )
         facts = {
             "engines": factory.built,
             "events": [[e.kind.value, e.stage, e.done, e.total] for e in events],
@@ -136,7 +145,9 @@ def ready_for_inference_film(
     base = _shared(tmp_path_factory, "cinecut-dense")
     if not (base / ".ready").exists():
         shutil.rmtree(base, ignore_errors=True)
-        film = copy_film(template, base)
+        # The analysed film's proxy is reused; only the keyframes are planned again, more densely.
+        film = clone_film_dir(analyzed_film(tmp_path_factory, template, tiny)[0], base, keep_cache=False)
+        invalidate(WorkDir.for_film(film), [Input.SUBTITLE], reason="a denser keyframe plan")
         in_inference = threading.Event()
 
         def watch(ev: ProgressEvent) -> None:
@@ -144,9 +155,17 @@ def ready_for_inference_film(
                 in_inference.set()
 
         with pytest.raises(AnalysisStopped):
-            analyze(film, model=tiny.model_path, mmproj=tiny.mmproj_path, n_gpu_layers=0,
-                    gpu_lock_path=base.parent / "dense-gpu.lock", progress=watch, should_stop=in_inference.is_set,
-                    max_gap=0.8, min_spacing=0.3)
+            analyze(
+                film,
+                model=tiny.model_path,
+                mmproj=tiny.mmproj_path,
+                n_gpu_layers=0,
+                gpu_lock_path=base.parent / "dense-gpu.lock",
+                progress=watch,
+                should_stop=in_inference.is_set,
+                max_gap=0.8,
+                min_spacing=0.3,
+            )
         (base / ".ready").touch()
     return base / template.video.name
 
@@ -185,7 +204,9 @@ def ready(analyzed, tmp_path: Path) -> Path:
 def run(film: Path, tiny: TinyLlava, tmp_path: Path, **kw: Any):
     kw.setdefault("n_gpu_layers", 0)
     kw.setdefault("gpu_lock_path", tmp_path / "gpu.lock")
-    return analyze(film, model=kw.pop("model", tiny.model_path), mmproj=kw.pop("mmproj", tiny.mmproj_path), **kw)
+    return analyze(
+        film, model=kw.pop("model", tiny.model_path), mmproj=kw.pop("mmproj", tiny.mmproj_path), **kw
+    )
 
 
 # -------------------------------------------------------------------------------------------- tests
@@ -194,10 +215,17 @@ def run(film: Path, tiny: TinyLlava, tmp_path: Path, **kw: Any):
 def test_full_analysis_leaves_exactly_the_upstream_layout(analyzed, synthetic_film_template) -> None:
     film, facts = analyzed
     wd = WorkDir.for_film(film)
-    assert sorted(os.listdir(wd.path)) == sorted([
-        "pipeline_checkpoint.json", wd.cache_name, wd.proxy_name, "keyframe_timestamps.json", "keyframes",
-        "cinecut.lock", "cinecut_stamps.json",
-    ])
+    assert sorted(os.listdir(wd.path)) == sorted(
+        [
+            "pipeline_checkpoint.json",
+            wd.cache_name,
+            wd.proxy_name,
+            "keyframe_timestamps.json",
+            "keyframes",
+            "cinecut.lock",
+            "cinecut_stamps.json",
+        ]
+    )
     raw = json.loads(wd.checkpoint_path.read_text())
     assert set(raw) == up.UPSTREAM_CHECKPOINT_KEYS
     ckpt = up.PipelineCheckpoint(**raw)
@@ -240,10 +268,18 @@ def test_full_analysis_leaves_exactly_the_upstream_layout(analyzed, synthetic_fi
 
 def test_second_run_is_a_cache_hit_that_never_loads_the_model(clone: Path, tmp_path: Path) -> None:
     wd = WorkDir.for_film(clone)
-    before = {p.name: p.stat().st_mtime_ns for p in [wd.cache_path, wd.proxy_path, *wd.keyframes_dir.iterdir()]}
+    before = {
+        p.name: p.stat().st_mtime_ns for p in [wd.cache_path, wd.proxy_path, *wd.keyframes_dir.iterdir()]
+    }
     factory, events = CountingFactory(), []
-    result = analyze(clone, model=tmp_path / "absent.gguf", mmproj=tmp_path / "absent-mmproj.gguf",
-                     gpu_lock_path=tmp_path / "gpu.lock", engine_factory=factory, progress=events.append)
+    result = analyze(
+        clone,
+        model=tmp_path / "absent.gguf",
+        mmproj=tmp_path / "absent-mmproj.gguf",
+        gpu_lock_path=tmp_path / "gpu.lock",
+        engine_factory=factory,
+        progress=events.append,
+    )
     assert factory.built == 0
     assert result.cache_hit and result.stages_run == [] and result.frames_computed == 0
     assert [(r.timestamp_s, d) for r, d in result.results] == [
@@ -254,7 +290,9 @@ def test_second_run_is_a_cache_hit_that_never_loads_the_model(clone: Path, tmp_p
     ckpt = up.load_checkpoint_strict(wd.path)
     assert (ckpt.inference_complete, ckpt.cache_hit) == (True, True)
     assert ckpt.stages_complete == ["proxy", "subtitles", "keyframes"]
-    after = {p.name: p.stat().st_mtime_ns for p in [wd.cache_path, wd.proxy_path, *wd.keyframes_dir.iterdir()]}
+    after = {
+        p.name: p.stat().st_mtime_ns for p in [wd.cache_path, wd.proxy_path, *wd.keyframes_dir.iterdir()]
+    }
     assert after == before  # nothing was recomputed or rewritten
 
 
@@ -273,7 +311,14 @@ def test_replaced_film_resets_every_stage_and_recomputes(clone: Path, tiny_llava
     os.replace(replacement.video, clone)  # same name, new content (keeps the old subtitle sidecar)
     events: list[ProgressEvent] = []
     result = run(clone, tiny_llava, tmp_path, progress=events.append)
-    assert set(result.invalidated) >= {"proxy", "subtitles", "keyframes", "structural", "narrative", "inference"}
+    assert set(result.invalidated) >= {
+        "proxy",
+        "subtitles",
+        "keyframes",
+        "structural",
+        "narrative",
+        "inference",
+    }
     assert any(e.kind is EventKind.INVALIDATED and "film" in e.message for e in events)
     assert result.stages_run == ["proxy", "subtitles", "keyframes", "inference"]
     new = up.load_checkpoint_strict(wd.path)
@@ -285,12 +330,16 @@ def test_replaced_film_resets_every_stage_and_recomputes(clone: Path, tiny_llava
     assert meta.stamp == SourceStamp.of(clone) != old_stamp
     timestamps = json.loads(wd.timestamps_path.read_text())
     assert all(t < 8.0 for t in timestamps) and new.keyframe_count == len(timestamps)
-    assert sorted(os.listdir(wd.keyframes_dir)) == sorted(f"frame_{int(t * 1000):010d}.jpg" for t in timestamps)
+    assert sorted(os.listdir(wd.keyframes_dir)) == sorted(
+        f"frame_{int(t * 1000):010d}.jpg" for t in timestamps
+    )
     assert [r.timestamp_s for r, _ in upstream_results(clone)] == timestamps
 
 
 @pytest.mark.parametrize("change_at", ["middle", "last"])
-def test_film_changed_during_inference_is_never_saved(ready: Path, tiny_llava, tmp_path: Path, change_at: str) -> None:
+def test_film_changed_during_inference_is_never_saved(
+    ready: Path, tiny_llava, tmp_path: Path, change_at: str
+) -> None:
     wd = WorkDir.for_film(ready)
     total = len(json.loads(wd.timestamps_path.read_text()))
     at = 2 if change_at == "middle" else total
@@ -337,10 +386,20 @@ def test_stop_and_resume_redo_no_frame(ready: Path, tiny_llava, tmp_path: Path) 
     assert original is not None and [d for _, d in original] == [d for _, d in result.results]
 
 
-@pytest.mark.parametrize("n_gpu_layers", [0, -1])
+@pytest.mark.parametrize(
+    ("n_gpu_layers", "gpu_build"), [(0, True), (-1, False), (-1, True)], ids=["cpu", "cpu-build", "gpu-build"]
+)
 def test_prewarm_yields_the_gpu_between_frames_and_resumes(
-    ready: Path, tiny_llava, tmp_path: Path, n_gpu_layers: int
+    ready: Path,
+    tiny_llava,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    n_gpu_layers: int,
+    gpu_build: bool,
 ) -> None:
+    # Whether llama.cpp was built with GPU offload decides if the model's memory must be freed on yield;
+    # the build at hand is CPU-only in CI, so both answers are given here.
+    monkeypatch.setattr(pipeline, "_offloads_to_gpu", lambda: gpu_build)
     lock_path = tmp_path / "gpu.lock"
     k = 3
     seen: dict[str, Any] = {}
@@ -366,8 +425,15 @@ def test_prewarm_yields_the_gpu_between_frames_and_resumes(
             seen["frames_at_request"] = ev.done
 
     factory = CountingFactory()
-    result = run(ready, tiny_llava, tmp_path, interactive=False, n_gpu_layers=n_gpu_layers, progress=on_event,
-                 engine_factory=factory)
+    result = run(
+        ready,
+        tiny_llava,
+        tmp_path,
+        interactive=False,
+        n_gpu_layers=n_gpu_layers,
+        progress=on_event,
+        engine_factory=factory,
+    )
     assert interactive_done.is_set()
     kinds = [e.kind for e in events]
     assert kinds.count(EventKind.YIELDED) == 1 and kinds.count(EventKind.RESUMED) == 1
@@ -375,8 +441,8 @@ def test_prewarm_yields_the_gpu_between_frames_and_resumes(
     assert yielded.done - seen["frames_at_request"] == 0  # not one more frame after the request
     assert seen["frames_at_grant"] == k
     assert result.frames_computed == result.records  # nothing redone around the yield
-    # On the GPU the model's memory goes with the GPU; on the CPU (n_gpu_layers=0) the model stays loaded.
-    assert factory.built == (1 if n_gpu_layers == 0 else 2)
+    # On the GPU the model's memory goes with the GPU; on the CPU the model stays loaded and is reused.
+    assert factory.built == (2 if n_gpu_layers != 0 and gpu_build else 1)
 
 
 def test_each_stage_resumes_from_the_checkpoint(synthetic_film_template, tiny_llava, tmp_path: Path) -> None:
@@ -416,12 +482,26 @@ def test_no_subtitles_warns_and_plans_from_scenes_and_intervals(tiny_llava, tmp_
 def test_subtitle_choice_prefers_untagged_then_english_then_srt(tmp_path: Path) -> None:
     film = tmp_path / "Heat (1995).mkv"
     film.write_bytes(b"x")
-    names = ["Heat (1995).fr.srt", "Heat (1995).en.forced.srt", "Heat (1995).en.sdh.srt", "Heat (1995).en.ass",
-             "Heat (1995).en.srt", "Heat (1995).srt", "Heat (1995) trailer.srt"]
+    names = [
+        "Heat (1995).fr.srt",
+        "Heat (1995).en.forced.srt",
+        "Heat (1995).en.sdh.srt",
+        "Heat (1995).en.ass",
+        "Heat (1995).en.srt",
+        "Heat (1995).srt",
+        "Heat (1995) trailer.srt",
+    ]
     for n in names:
         (tmp_path / n).write_text("")
-    expected = ["Heat (1995).srt", "Heat (1995).en.srt", "Heat (1995).en.ass", "Heat (1995).en.sdh.srt",
-                "Heat (1995).en.forced.srt", "Heat (1995).fr.srt", None]
+    expected = [
+        "Heat (1995).srt",
+        "Heat (1995).en.srt",
+        "Heat (1995).en.ass",
+        "Heat (1995).en.sdh.srt",
+        "Heat (1995).en.forced.srt",
+        "Heat (1995).fr.srt",
+        None,
+    ]
     for want in expected:
         chosen = choose_subtitle(film)
         assert (chosen.name if chosen else None) == want
@@ -436,7 +516,9 @@ def test_model_needed_only_on_a_miss_and_checked_before_ingesting(
     with pytest.raises(ModelError, match="--model and --mmproj"):
         analyze(fresh, gpu_lock_path=tmp_path / "gpu.lock")
     with pytest.raises(ModelError, match="no such file"):
-        analyze(fresh, model=tmp_path / "absent.gguf", mmproj=tiny_llava.mmproj_path, gpu_lock_path=tmp_path / "g")
+        analyze(
+            fresh, model=tmp_path / "absent.gguf", mmproj=tiny_llava.mmproj_path, gpu_lock_path=tmp_path / "g"
+        )
     assert not WorkDir.for_film(fresh).proxy_path.exists()  # failed before the proxy was made
     garbage = tmp_path / "broken.gguf"
     garbage.write_bytes(b"GGUF" + b"\0" * 64)
@@ -482,7 +564,10 @@ def test_default_gpu_lock_path_resolution(tmp_path: Path) -> None:
     tmp_root.mkdir(mode=0o1777)
     tmp_root.chmod(0o1777)
     env = {"XDG_RUNTIME_DIR": str(xdg)}
-    assert default_gpu_lock_path(system_dir=system, environ=env, tmp_root=tmp_root) == xdg / "cinecut" / "gpu.lock"
+    assert (
+        default_gpu_lock_path(system_dir=system, environ=env, tmp_root=tmp_root)
+        == xdg / "cinecut" / "gpu.lock"
+    )
     system.mkdir()
     assert default_gpu_lock_path(system_dir=system, environ=env, tmp_root=tmp_root) == system / "gpu.lock"
     fallback = default_gpu_lock_path(system_dir=tmp_path / "absent", environ={}, tmp_root=tmp_root)

@@ -19,7 +19,7 @@ import upstream_reader as up
 from test_pipeline import analyzed_film, clone_film_dir, copy_film, partial_count, ready_for_inference_film
 
 from cinecut.demo.tinymodel import TinyLlava
-from cinecut.locks import GpuLock, work_dir_lock
+from cinecut.locks import work_dir_lock
 from cinecut.workdir import WorkDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,16 +29,40 @@ TIMEOUT = 60.0
 class Worker:
     """A ``python -m cinecut.worker`` child whose JSON lines are parsed as they arrive."""
 
-    def __init__(self, film: Path, tiny: TinyLlava, gpu_lock: Path, *extra: str, model: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        film: Path,
+        tiny: TinyLlava,
+        gpu_lock: Path,
+        *extra: str,
+        model: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         argv = [
-            sys.executable, "-m", "cinecut.worker", "--film", str(film),
-            "--model", str(model or tiny.model_path), "--mmproj", str(tiny.mmproj_path),
-            "--n-gpu-layers", "0", "--n-ctx", "4096", "--max-tokens", "256", "--gpu-lock", str(gpu_lock),
-            "--vibe", "action", *extra,
+            sys.executable,
+            "-m",
+            "cinecut.worker",
+            "--film",
+            str(film),
+            "--model",
+            str(model or tiny.model_path),
+            "--mmproj",
+            str(tiny.mmproj_path),
+            "--n-gpu-layers",
+            "0",
+            "--n-ctx",
+            "4096",
+            "--max-tokens",
+            "256",
+            "--gpu-lock",
+            str(gpu_lock),
+            "--vibe",
+            "action",
+            *extra,
         ]
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=env)
+        self.proc = subprocess.Popen(
+            argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.seen: list[dict[str, Any]] = []
         self.raw: list[str] = []
@@ -63,7 +87,9 @@ class Worker:
             try:
                 ev = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"no {event!r} event; seen {self.seen}; stderr:\n{self.stderr}") from None
+                raise AssertionError(
+                    f"no {event!r} event; seen {self.seen}; stderr:\n{self.stderr}"
+                ) from None
             self.seen.append(ev)
             if ev["event"] == event and all(ev.get(k) == v for k, v in match.items()):
                 return ev
@@ -95,6 +121,22 @@ def analyzed_for_cli(tmp_path_factory, synthetic_film_template, tiny_llava, tmp_
     return clone_film_dir(src, tmp_path / "lib2" / "Other Film", keep_cache=False)
 
 
+def shared_flock_holders(path: Path) -> set[int]:
+    """Pids holding a shared flock on ``path`` now, read from /proc/locks (which takes no lock itself)."""
+    try:
+        ino = path.stat().st_ino
+    except FileNotFoundError:
+        return set()
+    pids = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  READ  1234 fe:00:5678 0 EOF" (blocked waiters have a "->" field first)
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "READ":
+            if fields[5].rsplit(":", 1)[-1] == str(ino):
+                pids.add(int(fields[4]))
+    return pids
+
+
 def _total(film: Path) -> int:
     return len(json.loads(WorkDir.for_film(film).timestamps_path.read_text()))
 
@@ -114,8 +156,12 @@ def test_a_full_run_then_a_cache_hit_speak_only_json_lines(
     assert all(a["done"] < b["done"] for a, b in itertools.pairwise(progress))
     assert all(isinstance(e["fps"], float) and e["fps"] >= 0 for e in progress)
     done = w.seen[-1]
-    assert done == {"event": "done", "cache": str(WorkDir.for_film(film).cache_path), "records": total,
-                    "frames_computed": total}
+    assert done == {
+        "event": "done",
+        "cache": str(WorkDir.for_film(film).cache_path),
+        "records": total,
+        "frames_computed": total,
+    }
     assert all(line.endswith("\n") and json.loads(line) for line in w.raw)  # nothing else on stdout
     assert len(up.load_cache(film, WorkDir.for_film(film).path) or []) == total
 
@@ -125,7 +171,9 @@ def test_a_full_run_then_a_cache_hit_speak_only_json_lines(
     assert again.seen[-1]["frames_computed"] == 0 and again.seen[-1]["records"] == total
 
 
-def test_sigkill_mid_inference_leaves_a_partial_the_next_run_resumes(film: Path, tiny_llava, tmp_path: Path) -> None:
+def test_sigkill_mid_inference_leaves_a_partial_the_next_run_resumes(
+    film: Path, tiny_llava, tmp_path: Path
+) -> None:
     lock = tmp_path / "gpu.lock"
     total = _total(film)
     w = Worker(film, tiny_llava, lock)
@@ -158,6 +206,28 @@ def test_sigterm_stops_after_the_current_frame_with_exit_3(film: Path, tiny_llav
     assert again.seen[-1]["frames_computed"] == total - k  # zero frames re-done
 
 
+def test_a_crash_just_before_the_cache_is_saved_loses_no_frame(
+    analyzed_for_cli: Path, tiny_llava, tmp_path: Path
+) -> None:
+    film = analyzed_for_cli
+    total = _total(film)
+    env = {**os.environ, "CINECUTD_FAULTS": "kill:prewarm.before_cache_save"}
+    w = Worker(film, tiny_llava, tmp_path / "gpu.lock", env=env)
+    assert w.wait() == -signal.SIGKILL
+    wd = WorkDir.for_film(film)
+    assert partial_count(film) == total and not wd.cache_path.exists()
+    # Every frame is in the partial results: the next run saves the cache without loading any model.
+    again = Worker(film, tiny_llava, tmp_path / "gpu.lock", model=tmp_path / "no-such-model.gguf")
+    assert again.wait() == 0, again.stderr
+    assert again.seen[-1] == {
+        "event": "done",
+        "cache": str(wd.cache_path),
+        "records": total,
+        "frames_computed": 0,
+    }
+    assert len(up.load_cache(film, wd.path) or []) == total and not wd.partial_cache_path.exists()
+
+
 def test_sigterm_during_ingestion_stops_at_once(synthetic_film_template, tiny_llava, tmp_path: Path) -> None:
     fresh = copy_film(synthetic_film_template, tmp_path / "lib")
     w = Worker(fresh, tiny_llava, tmp_path / "gpu.lock")
@@ -173,7 +243,9 @@ def test_sigterm_during_ingestion_stops_at_once(synthetic_film_template, tiny_ll
     assert "proxy" not in (up.load_checkpoint(wd.path) or up.PipelineCheckpoint("", "")).stages_complete
 
 
-def test_film_modified_mid_inference_exits_2_and_saves_nothing(film: Path, tiny_llava, tmp_path: Path) -> None:
+def test_film_modified_mid_inference_exits_2_and_saves_nothing(
+    film: Path, tiny_llava, tmp_path: Path
+) -> None:
     w = Worker(film, tiny_llava, tmp_path / "gpu.lock")
     w.next_event("progress")
     with open(film, "ab") as f:
@@ -197,9 +269,25 @@ def test_prewarm_hands_the_gpu_to_an_interactive_cli_within_one_frame(
     held = work_dir_lock(WorkDir.for_film(interactive_film), purpose="test")
     assert held.try_acquire()
     cli = subprocess.Popen(
-        [sys.executable, "-m", "cinecut.cli", "analyze", str(interactive_film), "--gpu-lock", str(lock),
-         "--model", str(tiny_llava.model_path), "--mmproj", str(tiny_llava.mmproj_path), "--n-gpu-layers", "0"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "cinecut.cli",
+            "analyze",
+            str(interactive_film),
+            "--gpu-lock",
+            str(lock),
+            "--model",
+            str(tiny_llava.model_path),
+            "--mmproj",
+            str(tiny_llava.mmproj_path),
+            "--n-gpu-layers",
+            "0",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert cli.stdout is not None
     assert "Waiting for the work dir" in cli.stdout.readline()
@@ -207,14 +295,16 @@ def test_prewarm_hands_the_gpu_to_an_interactive_cli_within_one_frame(
     w.next_event("progress")
     request: dict[str, int] = {}
 
+    want = lock.with_name(lock.name + ".want")
+
     def watch_want() -> None:
-        probe = GpuLock(lock, purpose="probe", interactive=False)
+        # Watched in /proc/locks rather than by probing the lock: a probe would itself look like a waiter.
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
-            if probe.someone_waiting():
+            if cli.pid in shared_flock_holders(want):
                 request["frames"] = partial_count(film)
                 return
-            time.sleep(0.002)
+            time.sleep(0.001)
 
     watcher = threading.Thread(target=watch_want)
     watcher.start()
@@ -244,8 +334,14 @@ def test_failures_are_error_events_with_exit_1(film: Path, tiny_llava, tmp_path:
     assert bad_model.wait() == 1
     assert bad_model.seen[-1]["event"] == "error" and "broken.gguf" in bad_model.seen[-1]["reason"]
     assert partial_count(film) == 0
-    usage = subprocess.run([sys.executable, "-m", "cinecut.worker", "--film", str(film)], cwd=REPO,
-                           capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    usage = subprocess.run(
+        [sys.executable, "-m", "cinecut.worker", "--film", str(film)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
     assert usage.returncode == 1
     event = json.loads(usage.stdout)
     assert event["event"] == "error" and "--model" in event["reason"]

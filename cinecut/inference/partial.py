@@ -213,7 +213,10 @@ def read_partial(path: str | os.PathLike[str]) -> PartialRead | None:
 def encode_entry(record: KeyframeRecord, description: SceneDescription | None) -> bytes:
     """One entry, shaped exactly like an item of the cache's ``results``."""
     return msgpack.packb(
-        {"record": record.to_dict(), "description": description.to_dict() if description is not None else None},
+        {
+            "record": record.to_dict(),
+            "description": description.to_dict() if description is not None else None,
+        },
         use_bin_type=True,
     )
 
@@ -239,13 +242,17 @@ class PartialWriter:
     _last_sync: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def create(cls, dir_fd: int, name: str, header: PartialHeader, policy: SyncPolicy | None = None) -> PartialWriter:
+    def create(
+        cls, dir_fd: int, name: str, header: PartialHeader, policy: SyncPolicy | None = None
+    ) -> PartialWriter:
         """Start a new partial file (atomically replacing any old one) holding only ``header``."""
         safefs.atomic_write(dir_fd, name, header.encode(), tmp_suffix=CACHE_TMP_SUFFIX)
         return cls(_open_append(dir_fd, name), header, 0, policy or SyncPolicy())
 
     @classmethod
-    def resume(cls, dir_fd: int, name: str, read: PartialRead, policy: SyncPolicy | None = None) -> PartialWriter:
+    def resume(
+        cls, dir_fd: int, name: str, read: PartialRead, policy: SyncPolicy | None = None
+    ) -> PartialWriter:
         """Continue a partial file after its valid prefix; a damaged tail is cut off first."""
         fd = _open_append(dir_fd, name)
         try:

@@ -172,7 +172,9 @@ def cmd_dropin(args: argparse.Namespace) -> int:
     from cinecutd.dropin import DropinError, render_dropin
 
     try:
-        text = render_dropin([lib.path for lib in config.libraries])
+        pw = config.prewarm
+        models = {p.parent for p in (pw.model, pw.mmproj) if pw.enabled and p is not None}
+        text = render_dropin([lib.path for lib in config.libraries], read_only=sorted(models), source=str(config.path))
     except DropinError as e:
         _err(f"{config.path}: library path: {e}")
         return EX_CONFIG

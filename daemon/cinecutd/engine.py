@@ -84,6 +84,9 @@ class Engine:
         # after the film): new film -> old film. Their subtitle check waits for the sidecars to follow.
         self._renaming: dict[Path, Path] = {}
         self._pending: set[Path] = set()
+        # Moves of a work dir that a pipeline's lock held up: new film -> (old film, moved with its folder).
+        # Retried with the pending invalidations, so a rename during an analysis keeps its results.
+        self._migrations: dict[Path, tuple[Path, bool]] = {}
         self.next_rescan: float | None = None
         self._overflow_due: float | None = None
         self._last_overflow_rescan = -OVERFLOW_RESCAN_GAP_S
@@ -407,8 +410,11 @@ class Engine:
         """Same inode, same content, new name: carry the work dir along instead of recomputing."""
         old_film = state.film
         self.reg.remove(old_film)
+        waiting = self._migrations.pop(old_film, None)
         if lib is None:
             return
+        if waiting is not None and not dir_moved:  # renamed again before its work dir could follow
+            old_film = waiting[0]
         new_state = self._register(new_film, lib)
         new_state.stamp, new_state.inode, new_state.device = state.stamp, state.inode, state.device
         new_state.last_event = ("renamed", time.time())
@@ -424,14 +430,27 @@ class Engine:
             old_wd = new_state.work_dir
         if os.path.lexists(old_wd) or os.path.lexists(new_state.work_dir):
             self._migrate(old_film, new_film, t0, moved_with_folder=dir_moved)
-        if old_film.stem != new_film.stem and self._sidecars_left(old_film, lib):
-            # The subtitles are being renamed after the film: judging them now would take the gap for a
-            # subtitle change and wipe the results. The last sidecar's rename (or a timer) revalidates.
+        self._judge_after_move(old_film, new_state, lib, t0, "renamed")
+
+    def _judge_after_move(self, old_film: Path, new_state: FilmState, lib: LibraryConfig, t0: float,
+                          trigger: str) -> None:
+        """Revalidate a film that was renamed or moved, once its subtitle sidecars have followed it."""
+        new_film = new_state.film
+        if old_film != new_film and self._sidecars_left(old_film, lib):
+            # The subtitles are being renamed or moved after the film (Radarr does them one by one):
+            # judging them now would take the gap for a subtitle change and wipe the results. The last
+            # sidecar's arrival (or a timer) revalidates.
             self._renaming[new_film] = old_film
             self._push_timer(time.monotonic() + max(self.config.daemon.settle_seconds, 0.5), "subs", new_film)
             if SourceStamp.maybe(new_film) == new_state.stamp:
                 return
-        self._revalidate(new_state, t0, "renamed")
+        else:
+            # The sidecars finished their moves while the work dir moved: list them again, or the
+            # listing taken at registration (before their moves) would read as deleted subtitles.
+            from cinecutd.discovery import subtitles_of
+
+            new_state.subtitles = subtitles_of(new_film, lib.subtitle_extensions)
+        self._revalidate(new_state, t0, trigger)
 
     def _sidecars_left(self, old_film: Path, lib: LibraryConfig) -> bool:
         from cinecutd.discovery import subtitles_of
@@ -442,8 +461,11 @@ class Engine:
         try:
             report = migrate_work_dir(old_film, new_film, moved_with_folder=moved_with_folder)
         except LockBusy:
-            log.warning("migration_deferred", film=str(new_film), reason="work dir locked by a pipeline")
-            self.reg.orphans.setdefault(WorkDir.for_film(old_film).path, time.time())
+            log.info("migration_deferred", film=str(new_film), reason="work dir locked by a pipeline")
+            self._migrations[new_film] = (old_film, moved_with_folder)
+            state = self.reg.films.get(new_film)
+            if state is not None:
+                self._defer(state, "renamed", LockBusy(WorkDir.for_film(old_film).lock_path))
             return
         except (MigrationError, OSError) as exc:
             log.warning("migration_skipped", film=str(new_film), old_film=str(old_film), reason=str(exc))
@@ -473,7 +495,7 @@ class Engine:
         if state is None or os.path.lexists(state.work_dir) or not os.path.lexists(gone.work_dir):
             return False
         self._migrate(gone.film, state.film, now)
-        self._revalidate(state, now, "moved")
+        self._judge_after_move(gone.film, state, self._lib_of(state), now, "moved")
         return True
 
     def _adopt_moved_results(self, state: FilmState) -> bool:
@@ -484,17 +506,16 @@ class Engine:
         now = time.monotonic()
         self._gone = {k: v for k, v in self._gone.items() if now - v[2] < GONE_MEMORY_S}
         self._fresh = {k: v for k, v in self._fresh.items() if now - v[2] < GONE_MEMORY_S}
-        if gone is None or gone[1] != state.stamp:
-            if state.stamp is not None and not os.path.lexists(state.work_dir):
-                self._fresh[key] = (state.film, state.stamp, now)
-                return False
-            return self._adopt_travelled_work_dir(state, now)
-        old_film = gone[0]
-        if not os.path.lexists(WorkDir.for_film(old_film).path):
+        if gone is not None and gone[1] == state.stamp and os.path.lexists(WorkDir.for_film(gone[0]).path):
+            self._migrate(gone[0], state.film, now)
+            self._judge_after_move(gone[0], state, self._lib_of(state), now, "moved")
+            return True
+        # No usable memory (or a stale one: the same file moved on again since): the work dir may have
+        # travelled with the film's folder, or may still follow when the old path's deletion arrives.
+        if state.stamp is not None and not os.path.lexists(state.work_dir):
+            self._fresh[key] = (state.film, state.stamp, now)
             return False
-        self._migrate(old_film, state.film, now)
-        self._revalidate(state, now, "moved")
-        return True
+        return self._adopt_travelled_work_dir(state, now)
 
     def _adopt_travelled_work_dir(self, state: FilmState, now: float) -> bool:
         """A new film whose folder arrived with its work dir (a folder moved across roots: one watch sees it
@@ -510,11 +531,18 @@ class Engine:
         if WorkDir.for_film(old_film).path.name != state.work_dir.name:
             return False
         self._migrate(old_film, state.film, now, moved_with_folder=True)
-        self._revalidate(state, now, "moved")
+        self._judge_after_move(old_film, state, self._lib_of(state), now, "moved")
         return True
+
+    def _lib_of(self, state: FilmState) -> LibraryConfig:
+        lib = self.library_for(state.film)
+        assert lib is not None, "a registered film is always inside a configured root"
+        return lib
 
     # ----------------------------------------------------------------- revalidation
     def _revalidate(self, state: FilmState, t0: float, trigger: str) -> Revalidation | None:
+        if state.film in self._migrations:
+            return None  # its work dir has not followed it yet; judged once the move is done
         if state.conflict and not self._owns_work_dir(state):
             return None
         self.reg.counters["revalidations"] += 1
@@ -549,7 +577,19 @@ class Engine:
         self._pending.discard(film)
         state = self.reg.films.get(film)
         if state is None or state.pending is None:
+            self._migrations.pop(film, None)
             return
+        waiting = self._migrations.get(film)
+        held = state.work_dir if waiting is None or waiting[1] else WorkDir.for_film(waiting[0]).path
+        if is_work_dir_locked(held):
+            self._pending.add(film)
+            self._push_timer(time.monotonic() + PENDING_RETRY_S, "pending", film)
+            return
+        if waiting is not None:
+            del self._migrations[film]
+            self._migrate(waiting[0], film, time.monotonic(), moved_with_folder=waiting[1])
+            if film in self._migrations:  # locked again meanwhile: deferred once more
+                return
         if is_work_dir_locked(state.work_dir):
             self._pending.add(film)
             self._push_timer(time.monotonic() + PENDING_RETRY_S, "pending", film)
@@ -674,6 +714,11 @@ class Engine:
         conflicts = {wd: sorted(fs) for wd, fs in by_wd.items() if len(fs) > 1}
         self.reg.conflicts = conflicts
         conflicted = {f for fs in conflicts.values() for f in fs}
+        orphaned = work_dirs - by_wd.keys()
+        if orphaned:
+            homeless = [s for s in states if s.work_dir not in work_dirs and s.film not in conflicted]
+            if homeless:
+                self._adopt_orphans(homeless, orphaned, work_dirs)
         for state in states:
             state.conflict = state.film in conflicted
             self._reconcile_film(state, t0)
@@ -712,12 +757,42 @@ class Engine:
             return
         p = probe(state.film, state.subtitles, wd=state.wd, st=st)
         state.has_work_dir = p.exists
+        if p.needs_revalidation and p.exists and self._adopt_travelled_work_dir(state, t0):
+            return  # its folder was renamed while nobody watched: paths rewritten, then revalidated
         if p.needs_revalidation:
             self._revalidate(state, t0, "rescan")
         elif p.cache is not None:
             state.cache = "valid" if p.cache.stamp == stamp else "stale"
         else:
             state.cache = "missing" if not p.exists or not os.path.lexists(state.wd.cache_path) else "corrupt"
+
+    def _adopt_orphans(self, homeless: list[FilmState], orphaned: set[Path], work_dirs: set[Path]) -> None:
+        """Films renamed or moved while nobody watched: an orphaned work dir whose stamps sidecar records
+        this very file (device, inode, stamp) under a path that is gone follows it to its new name."""
+        by_inode: dict[tuple[int | None, int], Path] = {}
+        for wd in orphaned:
+            rec = read_stamps(wd)
+            if rec is None or rec.inode is None or rec.video is None:
+                continue
+            old = Path(rec.source_file)
+            if WorkDir.for_film(old).path == wd and not os.path.lexists(old):
+                by_inode[(rec.device, rec.inode)] = old
+        for state in homeless if by_inode else ():
+            try:
+                st = os.stat(state.film)
+            except OSError:
+                continue
+            old_film = by_inode.pop((st.st_dev, st.st_ino), None)
+            if old_film is None:
+                continue
+            old_wd = WorkDir.for_film(old_film).path
+            rec = read_stamps(old_wd)
+            if rec is None or rec.video != SourceStamp.from_stat(st):
+                continue
+            self._migrate(old_film, state.film, time.monotonic())
+            if not os.path.lexists(old_wd):
+                work_dirs.discard(old_wd)
+                work_dirs.add(state.work_dir)
 
     def _root_missing(self, root: Path) -> None:
         state = self.reg.roots.get(root)

@@ -258,8 +258,9 @@ class PrewarmScheduler:
         self._next_settle = jobqueue.next_settle(films.values(), now, settle)
         self._queue_at = now
         self._queue_dirty = False
-        for film in [f for f in self._requests if f not in films]:
-            del self._requests[film]
+        for table in (self._requests, self._skip_until, self._attempts):
+            for film in [f for f in table if f not in films]:
+                del table[film]
         return self._queue_cache
 
     def _runnable(self, in_window: bool) -> list[FilmState]:

@@ -269,6 +269,7 @@ class WorkerProcess:
         kind = ev["event"]
         if kind == "progress":
             self.in_frames = True
+            self.yielded = False  # frames are being described: whatever it waited for, it has it
         elif kind == "yielded":
             self.yielded = True
         elif kind == "resumed":
