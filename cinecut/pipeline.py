@@ -479,6 +479,8 @@ class _Run:
                 waiting = True
                 self.emit(ProgressEvent(EventKind.WAITING_GPU, message=_describe_holder(gpu.holder())))
             time.sleep(_POLL_S)
+        if waiting:
+            self.emit(ProgressEvent(EventKind.RESUMED))
 
     # -- the locked part --------------------------------------------------------------------------
 
@@ -760,8 +762,9 @@ class _Run:
         self._check_film()
         cached = self._valid_cache()
         if cached is not None:
-            ckpt.inference_complete, ckpt.cache_hit = True, True
-            self._save(ckpt, fd)
+            if (ckpt.inference_complete, ckpt.cache_hit) != (True, True):
+                ckpt.inference_complete, ckpt.cache_hit = True, True
+                self._save(ckpt, fd)
             remove_partial_at(fd, self.wd.partial_name)
             self.result.results, self.result.cache_hit = cached, True
             self.emit(

@@ -216,6 +216,13 @@ def invalidate_at(dir_fd: int, wd: WorkDir, stages: list[Stage], report: Invalid
             report.fields_nulled = nulled
         if "inference" in names and "inference" not in report.stages_reset and "inference_complete" in nulled:
             report.stages_reset.append("inference")
+    elif read.status is CheckpointStatus.UNREADABLE:
+        # We cannot reset stages we cannot read. Upstream either cannot read it either (and starts fresh,
+        # regenerating everything) or can (an oversized file): then deleting the proxy or keyframes under
+        # stages it believes complete would break its run. Only the cache, which upstream validates by
+        # stamp itself, and our partial results go; the rest stays and the report says why.
+        report.errors.append(f"checkpoint unreadable ({read.reason}); only the cache was removed")
+        stages = [s for s in stages if s.name == "inference"]
     for stage in stages:
         for art in stage.artifacts:
             _remove_artifact(dir_fd, wd, art, report)

@@ -9,6 +9,7 @@ object per line, flushed at once::
     {"event": "cache_hit"}
     {"event": "progress", "done": n, "total": m, "fps": x}     at most every 0.5 s, and at the end
     {"event": "yielded"} / {"event": "resumed"}                 the GPU went to an interactive run and back
+                                                                (or was busy before the first frame)
     {"event": "done", "cache": path, "records": n, "frames_computed": k}
     {"event": "error", "reason": "..."}
 
@@ -110,14 +111,13 @@ class _Reporter:
         elif ev.kind is EventKind.YIELDED:
             self.flush_progress()
             self.out.emit("yielded")
+        elif ev.kind is EventKind.WAITING_GPU:
+            # Another run has the GPU before our first frame: to the daemon that is the same state.
+            log.info("waiting for the GPU, held by %s", ev.message)
+            self.out.emit("yielded")
         elif ev.kind is EventKind.RESUMED:
             self.out.emit("resumed")
-        elif ev.kind in (
-            EventKind.WARNING,
-            EventKind.WAITING_GPU,
-            EventKind.WAITING_LOCK,
-            EventKind.INVALIDATED,
-        ):
+        elif ev.kind in (EventKind.WARNING, EventKind.WAITING_LOCK, EventKind.INVALIDATED):
             log.info("%s: %s", ev.kind.value, ev.message)
 
     def send_progress(self, ev: ProgressEvent) -> None:

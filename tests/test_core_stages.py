@@ -463,11 +463,19 @@ def test_racing_symlink_swaps_never_reach_outside(tmp_path: Path, outside: Path)
 
 
 def test_non_utf8_film_is_invalidated_like_any_other(tmp_path: Path) -> None:
+    """Upstream runs the early stages on such a film (it cannot pack a cache for it: msgpack refuses the
+    surrogate-escaped path); its checkpoint holds JSON escapes that must survive our rewrite."""
     film = tmp_path / os.fsdecode(b"Am\xe9lie.mkv")
     film.write_bytes(b"film")
-    wd = up.run_pipeline(film, frames=2, subtitle=False)
+    wd = up.work_dir_for(film)
+    (wd / "keyframes").mkdir(parents=True)
+    (wd / os.fsdecode(b"Am\xe9lie_proxy.mp4")).write_bytes(b"proxy")
+    (wd / "keyframes" / "frame_0000001000.jpg").write_bytes(b"jpg")
+    up.save_checkpoint(up.PipelineCheckpoint(str(film), "drama", ["proxy", "subtitles", "keyframes"],
+                                             proxy_path=str(wd / "x"), keyframe_count=1), wd)
     report = invalidate(wd, ["video"])
-    assert report.errors == [] and set(report.stages_reset) == STALE["video"]
+    assert report.errors == [] and set(report.stages_reset) == {"proxy", "subtitles", "keyframes"}
+    assert sorted(report.files_removed) == [os.fsdecode(b"Am\xe9lie_proxy.mp4"), "keyframes/frame_0000001000.jpg"]
     ckpt = read_checkpoint(wd).checkpoint
     assert ckpt is not None and ckpt.stages_complete == [] and ckpt.source_file == str(film)
     assert up.load_checkpoint_strict(wd).source_file == str(film)

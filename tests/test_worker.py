@@ -19,7 +19,7 @@ import upstream_reader as up
 from test_pipeline import analyzed_film, clone_film_dir, copy_film, partial_count, ready_for_inference_film
 
 from cinecut.demo.tinymodel import TinyLlava
-from cinecut.locks import work_dir_lock
+from cinecut.locks import GpuLock, work_dir_lock
 from cinecut.workdir import WorkDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -322,6 +322,24 @@ def test_prewarm_hands_the_gpu_to_an_interactive_cli_within_one_frame(
     assert w.wait() == 0, w.stderr
     assert w.seen[-1]["frames_computed"] == total  # nothing was redone around the hand-over
     assert len(up.load_cache(interactive_film, WorkDir.for_film(interactive_film).path) or []) > 0
+
+
+def test_a_gpu_busy_before_the_first_frame_is_reported_as_yielded(
+    analyzed_for_cli: Path, tiny_llava, tmp_path: Path
+) -> None:
+    lock = tmp_path / "gpu.lock"
+    interactive = GpuLock(lock, purpose="cinecut analyze", interactive=True)
+    interactive.acquire(5)
+    try:
+        w = Worker(analyzed_for_cli, tiny_llava, lock)
+        w.next_event("yielded")
+        time.sleep(0.3)
+        assert partial_count(analyzed_for_cli) == 0  # it waits, without touching the GPU
+    finally:
+        interactive.release()
+    w.next_event("resumed")
+    assert w.wait() == 0, w.stderr
+    assert w.seen[-1]["frames_computed"] == _total(analyzed_for_cli)
 
 
 def test_failures_are_error_events_with_exit_1(film: Path, tiny_llava, tmp_path: Path) -> None:

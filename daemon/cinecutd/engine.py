@@ -225,6 +225,14 @@ class Engine:
         if in_work_dir(src) and (dest is None or in_work_dir(dest)):
             c["work_dir_events"] += 1
             return
+        if not ev.is_dir and ev.kind != "deleted" and not os.path.isdir((dest or src).parent):
+            # A folder that moved out of a root keeps its inotify watches (they follow the inode), and
+            # watchdog goes on reporting what happens in it under the old, vanished path. The root it
+            # moved to reports the same events under the real path; these ghosts are dropped.
+            c["stale_path_events"] += 1
+            if ev.kind == "moved":
+                self._path_gone(src, ev.t0)
+            return
         if ev.is_dir:
             self._dir_event(ev, src, dest)
         elif ev.kind == "moved" and dest is not None:
