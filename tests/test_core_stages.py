@@ -184,7 +184,11 @@ def test_corrupt_checkpoint_is_left_alone(tmp_path: Path) -> None:
     report = invalidate(wd, ["video"])
     assert report.checkpoint == "unreadable"
     assert (wd / "pipeline_checkpoint.json").read_text() == '{"source_file": "x", "vibe": "y", "extra": 1}'
-    assert "Heat (1995)_proxy.mp4" in report.files_removed
+    # Stages we cannot read we cannot reset: only the self-validating cache goes, the proxy stays.
+    assert "Heat (1995).scenedesc.msgpack" in report.files_removed
+    assert "Heat (1995)_proxy.mp4" not in report.files_removed
+    assert (wd / "Heat (1995)_proxy.mp4").exists()
+    assert any("checkpoint unreadable" in e for e in report.errors)
 
 
 def test_temp_files_within_grace_are_kept_and_stale_ones_listed(tmp_path: Path) -> None:
@@ -375,6 +379,8 @@ def test_property_invalidation_is_exact_and_safe(state: dict) -> None:
         root = Path(tmp)
         wd = build(root, state)
         stale = set().union(*(STALE[c] for c in state["changed"]))
+        if state["checkpoint"] == "corrupt":
+            stale &= {"inference"}  # stages it cannot read are not reset, so only the cache may go
         regenerable = {str(Path(KNOWN[k])) for k, owner in OWNER.items() if owner in stale and k in state["known"]}
         if "keyframes" in stale:
             regenerable |= {f"keyframes/frame_{ms:010d}.jpg" for ms in state["frames"]}
