@@ -154,8 +154,10 @@ def default_gpu_lock_path(
     it for the ``cinecut`` group), else ``$XDG_RUNTIME_DIR/cinecut/gpu.lock``, else
     ``/tmp/cinecut-$UID/gpu.lock``.
     """
-    if system_dir.is_dir() and os.access(system_dir, os.W_OK | os.X_OK):
-        return system_dir / GPU_LOCK_NAME
+    system_lock = system_dir / GPU_LOCK_NAME
+    if system_lock.is_file() or (system_dir.is_dir() and os.access(system_dir, os.W_OK | os.X_OK)):
+        # A group member may lock the daemon's existing lock file without write access to the dir.
+        return system_lock
     env = os.environ if environ is None else environ
     xdg = env.get("XDG_RUNTIME_DIR", "")
     if xdg and os.path.isabs(xdg) and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):

@@ -121,6 +121,7 @@ def catch_mid_inference(d: Daemon, s: Setup, film: Path) -> int:
             pause *= 1.6  # it had not even taken the GPU yet (model loading): give it longer
             continue
         total = cur["total"]
+        print("catch", pause, cur, [(r["event"], r.get("done")) for r in d.logs() if r["event"].startswith("prewarm_")])
         if 1 <= cur["done"] < total:
             return int(cur["done"])
         assert cur["done"] == 0, f"the job ran to its end while the gate was open: {cur}"

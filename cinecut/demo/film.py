@@ -175,6 +175,7 @@ def make_synthetic_film(
     if subtitle_format not in ("srt", "ass"):
         raise ValueError(f"subtitle_format must be 'srt' or 'ass', got {subtitle_format!r}")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     shots = _shot_frames(round(duration_s * FPS))
     # FLAC has no encoder delay, so in Matroska the video starts at exactly 0; AAC's priming shifts it.
     audio = (

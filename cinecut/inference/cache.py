@@ -118,7 +118,7 @@ _MAX_INNER_ARRAY: Final = 4
 _MAX_INNER_MAP: Final = 8
 
 
-def _bounded_unpacker(f: Any, buffer_size: int, max_str: int) -> msgpack.Unpacker:
+def bounded_unpacker(f: Any, buffer_size: int, max_str: int) -> msgpack.Unpacker:
     return msgpack.Unpacker(
         f,
         read_size=min(buffer_size, 1 << 16),
@@ -133,7 +133,7 @@ def _bounded_unpacker(f: Any, buffer_size: int, max_str: int) -> msgpack.Unpacke
     )
 
 
-def _decode_item(item: object, i: int) -> Result:
+def decode_item(item: object, i: int) -> Result:
     if not isinstance(item, dict) or set(item) != {"record", "description"}:
         raise ValueError(f"results[{i}] must have exactly record and description")
     rec = KeyframeRecord.from_dict(item["record"])
@@ -153,7 +153,7 @@ def decode_cache(data: bytes) -> tuple[CacheMetadata, list[Result]]:
 def _decode_stream(f: Any, size: int) -> tuple[CacheMetadata, list[Result]]:
     """:func:`decode_cache` reading ``size`` bytes from a file object, one result at a time."""
     limit = max(size, 1)
-    unpacker = _bounded_unpacker(f, limit, min(limit, MAX_CACHE_BYTES))
+    unpacker = bounded_unpacker(f, limit, min(limit, MAX_CACHE_BYTES))
     meta: CacheMetadata | None = None
     results: list[Result] | None = None
     try:
@@ -167,7 +167,7 @@ def _decode_stream(f: Any, size: int) -> tuple[CacheMetadata, list[Result]]:
                 count = unpacker.read_array_header()
                 if count > min(MAX_RESULTS, size):
                     raise ValueError(f"results declares {count} entries")
-                results = [_decode_item(unpacker.unpack(), i) for i in range(count)]
+                results = [decode_item(unpacker.unpack(), i) for i in range(count)]
             else:
                 raise ValueError("top level must be a map with exactly metadata and results")
         if unpacker.tell() != size:

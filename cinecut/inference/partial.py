@@ -38,7 +38,7 @@ from typing import Any, Final
 import msgpack
 
 from cinecut import safefs
-from cinecut.inference.cache import MAX_RESULTS, Result, _bounded_unpacker, _decode_item
+from cinecut.inference.cache import MAX_RESULTS, Result, bounded_unpacker, decode_item
 from cinecut.inference.models import SceneDescription
 from cinecut.models import KEYFRAME_SOURCES, KeyframeRecord
 from cinecut.stamp import SourceStamp
@@ -160,7 +160,7 @@ def _decode_header(unpacker: msgpack.Unpacker, size: int) -> PartialHeader:
 def decode_partial(data: bytes) -> PartialRead:
     """Decode partial bytes: ValueError if the header is unusable; a damaged tail only ends the prefix."""
     size = max(len(data), 1)
-    unpacker = _bounded_unpacker(io.BytesIO(data), size, min(size, _MAX_STR))
+    unpacker = bounded_unpacker(io.BytesIO(data), size, min(size, _MAX_STR))
     try:
         header = _decode_header(unpacker, len(data))
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
@@ -175,7 +175,7 @@ def decode_partial(data: bytes) -> PartialRead:
             damage = "entries beyond the plan"
             break
         try:
-            rec, desc = _decode_item(unpacker.unpack(), len(results))
+            rec, desc = decode_item(unpacker.unpack(), len(results))
         except msgpack.OutOfData:
             damage = "truncated entry"
             break
