@@ -818,6 +818,9 @@ class Engine:
         films = reg.films.values()
         now = time.monotonic()
         settle = self.config.prewarm.settle_seconds
+        per_root: dict[Path, int] = {}
+        for st in films:
+            per_root[st.root] = per_root.get(st.root, 0) + 1
         return {
             "daemon": {
                 "pid": os.getpid(),
@@ -826,7 +829,8 @@ class Engine:
                 "started_at": reg.started_at,
             },
             "roots": [
-                {"path": str(r.path), "watch": r.watch, "state": r.state, "films": r.films, "detail": r.detail}
+                {"path": str(r.path), "watch": r.watch, "state": r.state, "films": per_root.get(r.path, 0),
+                 "detail": r.detail}
                 for r in reg.roots.values()
             ],
             "films": {
