@@ -72,7 +72,7 @@ from cinecut.workdir import (  # noqa: E402
 ALL_STAGES = ("proxy", "subtitles", "keyframes", "structural", "narrative", "assembly", "music")
 FILM_SIZE = 48 * 1024
 PIPELINE_SETTLE_S = 0.5
-MIN_FILM_GAP_S = 0.2
+MIN_FILM_GAP_S = 0.5
 INPUT_CHANGES = frozenset({"upgrade_rename_over", "rewrite_in_place", "touch", "subtitle_edit", "subtitle_add",
                            "subtitle_delete"})
 LAST_LIBRARY: Library_ | None = None  # the model of the last run, for post-mortems

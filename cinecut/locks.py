@@ -86,7 +86,7 @@ class FileLock:
             os.close(fd)
             raise
         self._fd = fd
-        if not self._shared:
+        if not self._shared and self.purpose != "probe":
             self._write_holder()
         return True
 

@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Final
+
+from cinecut import faults
+
+#: The temp files :func:`atomic_write` creates: ``tmp`` + 12 hex digits + a dotted suffix ending in ``.tmp``.
+#: Upstream's ``mkstemp`` names (``tmp`` + 8 characters of ``[a-z0-9_]``) never match, so a leftover that
+#: matches is ours: written under the work-dir lock and orphaned by a writer that died.
+OWN_TEMP_RE: Final = re.compile(r"^tmp[0-9a-f]{12}(\.[a-z]+)+\.tmp$")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NOFOLLOW_DIR = _DIR_FLAGS | os.O_NOFOLLOW
@@ -151,6 +160,7 @@ def atomic_write(dir_fd: int, name: str, data: bytes, *, tmp_suffix: str, durabl
                 os.fsync(fd)
         finally:
             os.close(fd)
+        faults.point("atomic_write.before_rename")
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         try:

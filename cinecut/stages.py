@@ -16,6 +16,7 @@ stages are reset in the checkpoint so the pipeline regenerates them.
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import stat
 import time
@@ -210,7 +211,16 @@ def invalidate_at(dir_fd: int, wd: WorkDir, stages: list[Stage], report: Invalid
             for f in nulled:
                 setattr(ckpt, f, None)
             faults.point("invalidate.before_checkpoint")
-            save_checkpoint_at(ckpt, dir_fd)
+            try:
+                save_checkpoint_at(ckpt, dir_fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # A full disk: the stale regenerable files go first (they are what fills it, and a
+                # "complete" stage whose file is gone makes a pipeline fail rather than reuse stale
+                # bytes), then the checkpoint is written again in the room they left.
+                _remove_artifacts(dir_fd, wd, stages, report)
+                save_checkpoint_at(ckpt, dir_fd)
             faults.point("invalidate.after_checkpoint")
             report.stages_reset = reset
             report.fields_nulled = nulled
@@ -223,6 +233,10 @@ def invalidate_at(dir_fd: int, wd: WorkDir, stages: list[Stage], report: Invalid
         # stamp itself, and our partial results go; the rest stays and the report says why.
         report.errors.append(f"checkpoint unreadable ({read.reason}); only the cache was removed")
         stages = [s for s in stages if s.name == "inference"]
+    _remove_artifacts(dir_fd, wd, stages, report)
+
+
+def _remove_artifacts(dir_fd: int, wd: WorkDir, stages: list[Stage], report: InvalidationReport) -> None:
     for stage in stages:
         for art in stage.artifacts:
             _remove_artifact(dir_fd, wd, art, report)

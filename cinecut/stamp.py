@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,8 @@ class SourceStamp:
         if not isinstance(data, dict):
             raise ValueError("stamp must be a mapping")
         mtime, size = data.get("mtime"), data.get("size")
-        if isinstance(mtime, bool) or not isinstance(mtime, int | float):
-            raise ValueError("stamp mtime must be a number")
+        if isinstance(mtime, bool) or not isinstance(mtime, int | float) or not math.isfinite(mtime):
+            raise ValueError("stamp mtime must be a finite number")  # NaN would never compare equal
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError("stamp size must be a non-negative integer")
         return cls(float(mtime), size)

@@ -117,7 +117,11 @@ class _Reporter:
             self.out.emit("yielded")
         elif ev.kind is EventKind.RESUMED:
             self.out.emit("resumed")
-        elif ev.kind in (EventKind.WARNING, EventKind.WAITING_LOCK, EventKind.INVALIDATED):
+        elif ev.kind is EventKind.WAITING_LOCK:
+            # A pipeline holds the work dir: waiting, not hung (the daemon's hang timer must not fire).
+            log.info("waiting for the work dir, held by %s", ev.message)
+            self.out.emit("yielded")
+        elif ev.kind in (EventKind.WARNING, EventKind.INVALIDATED):
             log.info("%s: %s", ev.kind.value, ev.message)
 
     def send_progress(self, ev: ProgressEvent) -> None:

@@ -107,24 +107,29 @@ def current(d: Daemon) -> dict[str, Any] | None:
 
 def catch_mid_inference(d: Daemon, s: Setup, film: Path) -> int:
     """With the gate held, let the worker describe a frame or two, then take the GPU back; returns the
-    frames done (all saved in the partial) while the worker sits yielded."""
+    frames done (all saved in the partial) while the worker sits yielded.
+
+    The daemon's own ``prewarm_yielded`` log record is the witness: it is written when the daemon has read
+    the worker's last progress and its yield, so it is never a reading from an earlier round.
+    """
     wait_for(lambda: (c := current(d)) and c["film"] == str(film) and c["stage"] == "inference", JOB_S,
              what="the worker waiting for the GPU")
     pause = 0.05
     for _ in range(12):
+        seen = len(d.logs("prewarm_yielded"))
         s.gate.release()
         time.sleep(pause)
         s.gate.acquire(timeout=30)
         try:
-            cur = wait_for(lambda: (c := current(d)) and c["yielded"] and c, 1.5, what="the worker yielded")
+            rec = wait_for(lambda seen=seen: d.status() and (ys := d.logs("prewarm_yielded"))[seen:] and ys[-1],
+                           3.0, what="the worker yielded")
         except AssertionError:
             pause *= 1.6  # it had not even taken the GPU yet (model loading): give it longer
             continue
-        total = cur["total"]
-        print("catch", pause, cur, [(r["event"], r.get("done")) for r in d.logs() if r["event"].startswith("prewarm_")])
-        if 1 <= cur["done"] < total:
-            return int(cur["done"])
-        assert cur["done"] == 0, f"the job ran to its end while the gate was open: {cur}"
+        done, total = int(rec["done"]), current(d)["total"]
+        if done >= 1:
+            assert done < total, f"the job ran to its end while the gate was open: {rec}"
+            return done
         pause *= 1.6
     raise AssertionError(f"could not catch the worker mid-inference: {current(d)}")
 
@@ -268,6 +273,9 @@ def test_pause_resume_and_status_json_show_the_queue_newest_first(s: Setup) -> N
 
     p = status_json()
     assert (p["state"], p["current"], p["queue"]) == ("paused", None, [str(newer), str(older)])
+    human = cli("cinecutd", "status", "--socket", str(d.socket))
+    assert human.returncode == 0, human.stderr
+    assert "Pre-warm: paused" in human.stdout and "queue (2): " in human.stdout
     d.request("resume")
     wait_for(lambda: (c := current(d)) and c["stage"] == "inference", JOB_S, what="the newest film running")
     p = status_json()

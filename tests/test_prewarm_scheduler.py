@@ -331,10 +331,17 @@ def test_without_a_gpu_the_job_runs_on_the_cpu_with_a_note(s: Setup) -> None:
 
 
 def test_a_gpu_with_a_cpu_only_llama_build_blocks_with_how_to_fix(s: Setup) -> None:
-    """The probe is real: it imports the installed llama_cpp (a CPU build here) in a child process."""
-    s.film("Gpu film")
+    """The probe is real: it imports the installed llama_cpp in a child process (a CPU build in CI; with a
+    GPU build the same GPU is used instead)."""
+    from cinecut.inference.engine import gpu_offload_supported
+
+    s.film("Gpu slow film")
     gpu = GpuInfo((Gpu(0, "Test GPU", 20 << 30, 24 << 30),))
     _, sched = s.scheduler(s.config(n_gpu_layers=-1), gpu_query=lambda: gpu)
+    if gpu_offload_supported():
+        cur = run_until(sched, lambda: sched.status()["current"], timeout=60)
+        assert cur["device"] == "gpu"
+        return
     run_until(sched, lambda: sched.status()["state"] == "gpu-build-missing", timeout=60)
     st = sched.status()
     assert st["current"] is None and s.starts() == []

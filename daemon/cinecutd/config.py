@@ -11,6 +11,7 @@ import difflib
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -526,7 +527,13 @@ def load_config(path: Path | str) -> Config:
     """Read and validate a config file; every problem becomes a ConfigError naming file, key and why."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO (or a device) named as the config must be refused, not block the daemon forever.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(path)
+            if not stat.S_ISREG(mode):
+                raise ConfigError(path, None, "is not a regular file (a FIFO, socket or device); not a config file")
             blob = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(path, None, "no such file") from None

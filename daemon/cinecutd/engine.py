@@ -23,7 +23,7 @@ import structlog
 
 from cinecut import __version__, faults, safefs
 from cinecut.inference.cache import read_cache_metadata
-from cinecut.locks import LockBusy, is_work_dir_locked
+from cinecut.locks import LockBusy, is_work_dir_locked, work_dir_lock
 from cinecut.revalidate import Revalidation, probe, revalidate
 from cinecut.stamp import SourceStamp
 from cinecut.stamps import read_stamps
@@ -602,7 +602,10 @@ class Engine:
             self._pending.add(film)
             self._push_timer(time.monotonic() + PENDING_RETRY_S, "pending", film)
             return
-        self._revalidate(state, time.monotonic(), state.pending)
+        now = time.monotonic()
+        if self._adopt_travelled_work_dir(state, now):
+            return  # its folder moved while a pipeline held the work dir: paths rewritten, then judged
+        self._revalidate(state, now, state.pending)
 
     def _final_revalidation(self, state: FilmState) -> None:
         """After a burst went quiet: one last look, so the final state of the film is what counts."""
@@ -704,11 +707,20 @@ class Engine:
             work_dirs |= res.work_dirs
         # Finish migrations a crash interrupted before trusting any work dir.
         for wd in [w for w in work_dirs if os.path.lexists(f"{w}/{JOURNAL_NAME}")]:
-            rep = resume_migration(wd)
+            try:
+                rep = resume_migration(wd, within=lambda f: self.library_for(f) is not None)
+            except (LockBusy, MigrationError, OSError, ValueError) as exc:
+                # A pipeline holds it, or the journal names paths that make no sense here: never fatal;
+                # the work dir stays as it is (the next reconcile tries again).
+                log.warning("migration_resume_failed", work_dir=str(wd), error=str(exc))
+                self.reg.counters["errors"] += 1
+                continue
             if rep is not None:
                 log.info("migration_resumed", film=rep.new_film, work_dir=rep.new_work_dir)
                 work_dirs.discard(wd)
                 work_dirs.add(Path(rep.new_work_dir))
+        if reason == "startup":
+            self._sweep_own_temp_files(work_dirs)
         states: list[FilmState] = []
         for film, (lib, subs) in found.items():
             state = self.reg.films.get(film)
@@ -801,6 +813,45 @@ class Engine:
             if not os.path.lexists(old_wd):
                 work_dirs.discard(old_wd)
                 work_dirs.add(state.work_dir)
+
+    def _sweep_own_temp_files(self, work_dirs: set[Path]) -> None:
+        """Remove the temp files of OUR atomic writes that a dead writer left (this daemon SIGKILLed in the
+        middle of a write, a crashed pipeline), once, at startup.
+
+        Every writer of ours holds the work-dir lock from creating its temp file until it renames it, and
+        flock dies with its holder: a file named like ours (``safefs.OWN_TEMP_RE``) in a work dir whose lock
+        we can take is garbage. Upstream takes no lock and names its temp files differently; those keep the
+        grace period of ``cinecut.stages.TEMP_FILE_GRACE_S``. Costs one listing per work dir, at startup.
+        """
+        removed = 0
+        for wd in work_dirs:
+            try:
+                fd = safefs.open_dir(wd)
+            except OSError:
+                continue
+            try:
+                names = [n for n in os.listdir(fd) if safefs.OWN_TEMP_RE.match(n)]
+                if not names:
+                    continue
+                lock = work_dir_lock(wd, purpose="temp sweep", dir_fd=fd)
+                if not lock.try_acquire():
+                    continue  # a live writer: its temp file may be in use
+                try:
+                    for name in names:
+                        try:
+                            if safefs.unlink_regular(fd, name) is not None:
+                                removed += 1
+                        except safefs.SymlinkRefused:
+                            continue  # not a file we wrote: left alone
+                finally:
+                    lock.release()
+            except OSError as exc:
+                log.warning("temp_sweep_failed", work_dir=str(wd), error=str(exc))
+            finally:
+                os.close(fd)
+        if removed:
+            log.info("temp_files_removed", count=removed, reason="left by a writer that died")
+            self.reg.counters["temp_files_removed"] += removed
 
     def _root_missing(self, root: Path) -> None:
         state = self.reg.roots.get(root)

@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -116,16 +117,30 @@ def migrate_work_dir(old_film: Path, new_film: Path, *, moved_with_folder: bool 
     return report
 
 
-def resume_migration(work_dir: Path) -> MigrationReport | None:
-    """Finish a migration interrupted by a crash (journal present); None if there is none to finish."""
+def resume_migration(work_dir: Path, *, within: Callable[[Path], bool] | None = None) -> MigrationReport | None:
+    """Finish a migration interrupted by a crash (journal present); None if there is none to finish.
+
+    A journal is only trusted to describe the directory it sits in: it must name that directory as the
+    work dir moved from or to, and (``within``) its films must lie inside the libraries. Anything else (a
+    corrupt or planted journal) is ignored: nothing is moved or rewritten on its word.
+    """
     try:
         with safefs.work_dir_fd(work_dir) as fd:
             data = safefs.read_bounded(fd, JOURNAL_NAME, 1 << 16)
         journal = json.loads(data)
-        old_film, new_film = Path(journal["old_film"]), Path(journal["new_film"])
-    except (OSError, ValueError, KeyError, TypeError):
+        old_film, new_film = journal["old_film"], journal["new_film"]
+        if not isinstance(old_film, str) or not isinstance(new_film, str) or "\0" in old_film + new_film:
+            return None
+        old_film, new_film = Path(old_film), Path(new_film)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    if not (old_film.is_absolute() and new_film.is_absolute()):
         return None
     old, new = WorkDir.for_film(old_film), WorkDir.for_film(new_film)
+    if Path(work_dir) not in (old.path, new.path):
+        return None
+    if within is not None and not (within(old.film) and within(new.film)):
+        return None
     report = MigrationReport(str(old.film), str(new.film), str(old.path), str(new.path))
     if Path(work_dir) == old.path and old.path != new.path:
         # Crashed before the rename: the film has moved on, so redo the whole move.

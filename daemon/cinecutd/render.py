@@ -229,6 +229,8 @@ def _render_prewarm(p: Mapping[str, Any], console: Console) -> None:
     if p.get("next_window") is not None:
         line.append(f"  next window {when(p.get('next_window'))}")
     console.print(line)
+    if p.get("note"):
+        console.print(Text(f"  {clean(p['note'])}", style="dim"))
     cur = p.get("current")
     if isinstance(cur, Mapping):
         done, total = _num(cur.get("done")), _num(cur.get("total"))

@@ -50,6 +50,7 @@ class Daemon:
         self._last_status_at = 0.0
         self._last_ping = 0.0
         self._last_root_check = 0.0
+        self._root_ids: dict[Path, tuple[int, int] | None] = {}  # (st_dev, st_ino) of each root when last seen
 
     # ------------------------------------------------------------------ control commands
     def _handlers(self) -> dict[str, Any]:
@@ -137,6 +138,7 @@ class Daemon:
         self.watchers.ensure(self.config.libraries)
         summary = self.engine.reconcile("startup")
         self.watchers.ensure(self.config.libraries)
+        self._root_ids = {lib.path: _identity(lib.path) for lib in self.config.libraries}
         # The registry of a big library is long-lived: move it out of the cyclic GC's sight so a full
         # collection never walks 10,000 film states in the middle of an invalidation (p99 latency).
         gc.collect()
@@ -189,7 +191,22 @@ class Daemon:
         for root in gone:
             log.warning("root_missing", root=str(root))
             self.engine._root_missing(root)
-        if back or gone:
+        # A root unmounted (its empty mount point left behind) or mounted over is another directory now:
+        # the old watches see the old filesystem, or nothing. Watch it afresh and look again.
+        replaced = []
+        for lib in self.config.libraries:
+            ident = _identity(lib.path)
+            if self._root_ids.get(lib.path) not in (None, ident) and ident is not None:
+                replaced.append(lib.path)
+                self.watchers.restart(lib.path)
+            self._root_ids[lib.path] = ident
+        if replaced:
+            log.warning("root_replaced", roots=[str(r) for r in replaced],
+                        detail="unmounted, mounted or replaced; watching it afresh and rescanning")
+            back = [r for r in back if r not in replaced]
+            self.watchers.ensure(self.config.libraries)  # watch first, then look: nothing falls in between
+            self.engine.reconcile("root replaced")
+        if back or gone or replaced:
             if back:
                 log.info("root_available", roots=[str(r) for r in back])
                 self.engine.reconcile("root available")
@@ -254,6 +271,14 @@ class Daemon:
         if self.prewarm is not None:
             parts.append(self.prewarm.status_line())
         return "; ".join(parts)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def run_daemon(config: Config) -> int:

@@ -7,6 +7,7 @@ subtree from a recursive inotify watch; in polling mode work dirs are never even
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import inspect
 import logging
@@ -129,6 +130,28 @@ def _poll_stat(root: str) -> Callable[[str], os.stat_result]:
     return poll_stat
 
 
+def watch_limit_reached(path: str) -> bool:
+    """True if not one more inotify watch can be added for this user right now.
+
+    Probed with a throwaway inotify instance right after an observer placed its watches: if the budget is
+    exhausted then, the observer ran into it and parts of the root are unwatched (watchdog >= 5 logs
+    nothing and raises nothing for sub-folders). Conservative: a budget used up to the last watch by
+    others also reads as exhausted, and the root is then polled.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(os.O_CLOEXEC)
+    except (OSError, AttributeError):
+        return False
+    if fd < 0:
+        return False  # no instance to spare: says nothing about watches
+    try:
+        wd = libc.inotify_add_watch(fd, os.fsencode(path), 0x00000004)  # IN_ATTRIB
+        return wd < 0 and ctypes.get_errno() == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
 class _OverflowHook(logging.Handler):
     """watchdog rebuilds its watches after an inotify queue overflow and only logs it; turn that log line
     into a rescan so the events the kernel dropped are caught up at once."""
@@ -199,6 +222,9 @@ class Watchers:
                 observer = Observer()
                 _schedule(observer, _Forwarder(self.engine), str(lib.path))
                 observer.start()
+                if watch_limit_reached(str(lib.path)):
+                    # watchdog >= 5 skips the sub-folders it cannot watch without a word.
+                    raise OSError(errno.ENOSPC, "inotify watch limit reached")
             except OSError as exc:
                 _stop_quietly(observer)
                 observer = None
@@ -229,6 +255,10 @@ class Watchers:
             state.watch = "poll" if mode != "inotify" else "inotify"
             state.detail = INOTIFY_LIMIT_HINT if mode == "poll-fallback" else ""
         log.info("watching", root=str(lib.path), mode=mode)
+
+    def restart(self, root: Path) -> None:
+        """Drop a root's observer; the next :meth:`ensure` watches it afresh (after a mount change)."""
+        self._stop(root)
 
     def _stop(self, root: Path) -> None:
         w = self._watches.pop(root, None)

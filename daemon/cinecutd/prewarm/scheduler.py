@@ -159,7 +159,6 @@ class PrewarmScheduler:
         self._consecutive_failures = 0
         self._blocked: tuple[str, str] | None = None  # (state, note) while no job can start
         self._retry_at = 0.0
-        self._placement: Decision | None = None
         self._offload: bool | None = None
         self._probe: OffloadProbe | None = None
         self._queue_cache: list[FilmState] = []
@@ -369,15 +368,14 @@ class PrewarmScheduler:
     def _start(self, state: FilmState, decision: Decision) -> None:
         film = state.film
         req = self._requests.get(film)
-        log_path = self._job_log_path(film)
-        proc = WorkerProcess(self._worker_argv(state, self.pw), log_path=log_path, timeouts=self._timeouts)
         try:
+            log_path = self._job_log_path(film)
+            proc = WorkerProcess(self._worker_argv(state, self.pw), log_path=log_path, timeouts=self._timeouts)
             proc.start()
         except OSError as exc:
             self._block("setup-error", f"cannot start the worker: {exc.strerror or exc}", SETUP_RETRY_S)
             return
         self._blocked = None
-        self._placement = decision
         self._attempts[film] = self._attempts.get(film, 0) + 1
         job = Job(film, state.stamp, subtitle_stamps(state), bool(req and req.now), proc, decision.device,
                   decision.note)
@@ -401,16 +399,19 @@ class PrewarmScheduler:
         return d / name
 
     def _pick_log_dir(self) -> Path:
-        for d in (self.config.daemon.state_dir / "prewarm",
-                  Path(tempfile.gettempdir()) / f"cinecutd-prewarm-{os.getuid()}"):
-            try:
-                d.mkdir(mode=0o750, parents=True, exist_ok=True)
-                if os.access(d, os.W_OK):
-                    self._log_dir = d
-                    return d
-            except OSError:
-                continue
-        raise OSError("no writable directory for worker logs")
+        """``<state_dir>/prewarm``, else a private fresh temp dir (never a predictable name in /tmp)."""
+        d = self.config.daemon.state_dir / "prewarm"
+        try:
+            d.mkdir(mode=0o750, parents=True, exist_ok=True)
+            if d.is_dir() and not d.is_symlink() and os.access(d, os.W_OK):
+                self._log_dir = d
+                return d
+        except OSError:
+            pass
+        d = Path(tempfile.mkdtemp(prefix="cinecutd-prewarm-"))
+        log.warning("prewarm_log_dir", dir=str(d), reason=f"{self.config.daemon.state_dir} is not writable")
+        self._log_dir = d
+        return d
 
     # ------------------------------------------------------------------------------ a running job
     def _poll_job(self, job: Job) -> None:

@@ -133,7 +133,9 @@ class WorkerProcess:
         env = dict(os.environ if self._env is None else self._env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         launcher = [sys.executable, "-c", _LAUNCHER, str(os.getpid())]
-        with open(self.log_path, "ab", buffering=0) as err:
+        # O_NOFOLLOW: a log path swapped for a symlink is refused, never written through.
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        with open(fd, "ab", buffering=0) as err:
             os.fchmod(err.fileno(), 0o640)
             self.proc = subprocess.Popen(
                 launcher + self.argv,
