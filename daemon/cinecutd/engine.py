@@ -286,7 +286,9 @@ class Engine:
             else:
                 if src_state is not None:
                     self._film_gone(src)
-                self._film_touched(dest, dest_lib, "replaced", t0)
+                state = self._film_touched(dest, dest_lib, "replaced", t0)
+                if src_state is None and state is not None and src_kind == "film":
+                    self._follow_unknown_rename(src, state, t0)
         else:
             if src_kind == "film":
                 self._film_gone(src)
@@ -347,14 +349,15 @@ class Engine:
     def _film_touched(self, film: Path, lib: LibraryConfig, kind: str, t0: float) -> FilmState | None:
         state = self.reg.films.get(film)
         new = state is None
-        if state is None:
-            state = self._register(film, lib)
-        state.last_event = (kind, time.time())
         try:
             st = os.stat(film)
         except OSError:
-            self._film_gone(film)
-            return None
+            if not new:
+                self._film_gone(film)
+            return None  # an event that outlived its file (renamed or deleted since): nothing to register
+        if state is None:
+            state = self._register(film, lib)
+        state.last_event = (kind, time.time())
         stamp = SourceStamp.from_stat(st)
         if stamp == state.stamp and not new:
             return state
@@ -459,6 +462,19 @@ class Engine:
 
             new_state.subtitles = subtitles_of(new_film, lib.subtitle_extensions)
         self._revalidate(new_state, t0, trigger)
+
+    def _follow_unknown_rename(self, src: Path, state: FilmState, t0: float) -> None:
+        """A rename from a name the daemon never registered (the film arrived and was renamed within one
+        burst of queued events). The old name's work dir belongs to this very file if our sidecar in it
+        names its device and inode with the same stamp: carry it along."""
+        old_wd = WorkDir.for_film(src).path
+        if old_wd == state.work_dir or os.path.lexists(state.work_dir) or not os.path.lexists(old_wd):
+            return
+        rec = read_stamps(old_wd)
+        if rec is None or (rec.device, rec.inode) != (state.device, state.inode) or rec.video != state.stamp:
+            return
+        self._migrate(src, state.film, t0)
+        self._judge_after_move(src, state, self._lib_of(state), t0, "renamed")
 
     def _sidecars_left(self, old_film: Path, lib: LibraryConfig) -> bool:
         from cinecutd.discovery import subtitles_of

@@ -34,6 +34,8 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserverVFS
 
+from cinecutd import inotify_pruned
+
 try:  # watchdog >= 5 reports a bare mtime change (utime, rsync, Radarr's "change file date") on its own
     from watchdog.events import FileAttribEvent
 except ImportError:  # older watchdog reports IN_ATTRIB as "modified"
@@ -219,7 +221,7 @@ class Watchers:
         observer: Any = None
         if mode == "inotify":
             try:
-                observer = Observer()
+                observer = inotify_pruned.PrunedInotifyObserver() if inotify_pruned.AVAILABLE else Observer()
                 _schedule(observer, _Forwarder(self.engine), str(lib.path))
                 observer.start()
                 if watch_limit_reached(str(lib.path)):
