@@ -23,6 +23,13 @@ one ``rescan``) every result on disk is traced back to the inputs it came from, 
 - touched: a film, subtitle, trailer, unrelated file, manifest or unknown work-dir file whose bytes, mtime
   or inode changed without the driver changing it, or a file the daemon created outside a work dir;
 - the daemon's RSS and open file descriptors are sampled throughout.
+
+Pacing, stated so the figures can be judged: operations come at ``--rate`` per second on average
+(exponential gaps), most of them on the newest third of the films; one film gets at most one operation
+per ``MIN_FILM_GAP_S`` (tools act on a film once per import or upgrade), and the pipeline starts on a film
+only after it has been still for ``PIPELINE_SETTLE_S`` (as the pre-warm waits for a film to settle);
+changes while a pipeline holds the lock are the point and happen all the time. Subtitle stamps and film
+mtimes are made unique, because a replacement keeping size and mtime is invisible by design.
 """
 
 from __future__ import annotations
@@ -871,6 +878,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--operations", type=int, default=10_000)
     ap.add_argument("--films", type=int, default=200, help="films at the start (the population floats)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--rate", type=float, default=60.0, help="operations per second (mean)")
     ap.add_argument("--keep", action="store_true", help="keep the library folder for inspection")
     args = ap.parse_args(argv)
     import shutil
@@ -878,8 +886,9 @@ def main(argv: list[str] | None = None) -> int:
 
     base = Path(tempfile.mkdtemp(prefix="cinecut-soak-"))
     try:
-        res = run_soak(base, SoakConfig(args.operations, args.films, args.seed,
-                                        progress=lambda i: print(f"\r{i} operations", end="", flush=True)))
+        tty = sys.stdout.isatty()
+        res = run_soak(base, SoakConfig(args.operations, args.films, args.seed, rate=args.rate,
+                                        progress=lambda i: tty and print(f"\r{i} operations", end="", flush=True)))
     finally:
         print()
         if not args.keep:
@@ -906,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table("cinecutd churn soak", ["measure", "value", "target"], rows)
     for example in s["after_rescan"]["examples"]:
         print("  ", example)
-    path = write_result("soak", {"seed": args.seed, "films_at_start": args.films, **s})
+    path = write_result("soak", {"seed": args.seed, "films_at_start": args.films, "rate": args.rate, **s})
     print(f"wrote {path}")
     ok = not (res.final.false_negatives or res.final.false_positives or res.final.touched or res.final.temp_files)
     return 0 if ok else 1

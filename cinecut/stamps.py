@@ -92,7 +92,7 @@ def current_stamps(
     except OSError:
         video, inode, dev = None, None, None
     subs = []
-    stem = Path(film).stem
+    stem = film.stem if isinstance(film, Path) else Path(film).stem
     for sub in subtitles:
         stamp = SourceStamp.maybe(sub)
         if stamp is not None:

@@ -69,8 +69,8 @@ class WorkDir:
     @classmethod
     def for_film(cls, film: str | os.PathLike[str]) -> WorkDir:
         """Work dir beside the film: ``<parent>/<stem>_cinecut_work`` (symlinks in the path are kept)."""
-        f = Path(os.path.abspath(film))
-        return cls(f, f.parent / f"{f.stem}{WORK_DIR_SUFFIX}")
+        f = film if isinstance(film, Path) and film.is_absolute() else Path(os.path.abspath(film))
+        return cls(f, f.with_name(f"{f.stem}{WORK_DIR_SUFFIX}"))
 
     @property
     def stem(self) -> str:

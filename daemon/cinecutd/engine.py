@@ -339,7 +339,10 @@ class Engine:
         self.reg.orphans.pop(wd.path, None)
         # A same-stem twin appearing live (Heat.mp4 beside Heat.mkv) shares the work dir: mark the conflict
         # now, so the newcomer cannot invalidate its twin's results before the next rescan notices.
-        claim = sorted(f for f in self.reg.films_in(film.parent) if self.reg.films[f].work_dir == wd.path)
+        siblings = self.reg.films_in(state.folder)
+        if len(siblings) < 2:
+            return state
+        claim = sorted(f for f in siblings if self.reg.films[f].work_dir == wd.path)
         if len(claim) > 1:
             self.reg.conflicts[wd.path] = claim
             for f in claim:

@@ -40,10 +40,13 @@ class FilmState:
     conflict: bool = False
     refused: str | None = None
     wd: WorkDir | None = None
+    folder: Path | None = None  # film.parent, computed once (pathlib objects are costly at 10,000 films)
 
     def __post_init__(self) -> None:
         if self.wd is None:
             self.wd = WorkDir(self.film, self.work_dir)
+        if self.folder is None:
+            self.folder = self.film.parent
 
     def settled(self, now: float, settle_seconds: float) -> bool:
         return self.stamp is not None and now - self.last_change >= settle_seconds and self.settle_due is None
@@ -74,17 +77,17 @@ class Registry:
 
     def add(self, state: FilmState) -> FilmState:
         self.films[state.film] = state
-        self.by_folder.setdefault(state.film.parent, set()).add(state.film)
+        self.by_folder.setdefault(state.folder, set()).add(state.film)
         return state
 
     def remove(self, film: Path) -> FilmState | None:
         state = self.films.pop(film, None)
         if state is not None:
-            folder = self.by_folder.get(film.parent)
+            folder = self.by_folder.get(state.folder)
             if folder is not None:
                 folder.discard(film)
                 if not folder:
-                    del self.by_folder[film.parent]
+                    del self.by_folder[state.folder]
         return state
 
     def films_in(self, folder: Path) -> set[Path]:
