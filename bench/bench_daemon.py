@@ -36,18 +36,18 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_result  # noqa: E402
+from _common import print_table, write_result
 
-from cinecut.checkpoint import PipelineCheckpoint, save_checkpoint  # noqa: E402
-from cinecut.inference.cache import encode_cache, load_cache  # noqa: E402
-from cinecut.inference.models import SceneDescription  # noqa: E402
-from cinecut.models import KeyframeRecord  # noqa: E402
-from cinecut.revalidate import revalidate  # noqa: E402
-from cinecut.stamp import SourceStamp  # noqa: E402
-from cinecut.workdir import WorkDir  # noqa: E402
-from cinecutd.config import load_config  # noqa: E402
-from cinecutd.discovery import scan_root  # noqa: E402
-from cinecutd.engine import Engine  # noqa: E402
+from cinecut.checkpoint import PipelineCheckpoint, save_checkpoint
+from cinecut.inference.cache import encode_cache, load_cache
+from cinecut.inference.models import SceneDescription
+from cinecut.models import KeyframeRecord
+from cinecut.revalidate import revalidate
+from cinecut.stamp import SourceStamp
+from cinecut.workdir import WorkDir
+from cinecutd.config import load_config
+from cinecutd.discovery import scan_root
+from cinecutd.engine import Engine
 
 FILM_BYTES = 4096
 MTIME = 1_700_000_000.25

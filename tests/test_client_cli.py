@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+
 from cinecutd import render
 from cinecutd.client import DaemonNotRunning, resolve_socket
 from cinecutd.config import CONFIG_ENV, DEFAULT_SOCKET
 from cinecutd.control import ControlError, ControlServer, Router
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from rich.console import Console
 
 CINECUTD = Path(sys.executable).parent / "cinecutd"
 

@@ -11,6 +11,9 @@ from datetime import time as dtime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from cinecutd.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
@@ -29,8 +32,6 @@ from cinecutd.config import (
     render_reference,
     splice_reference,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 CINECUTD = Path(sys.executable).parent / "cinecutd"

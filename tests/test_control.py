@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from cinecutd.control import (
     COMMANDS,
     MAX_OUTPUT_BUFFER,
@@ -22,8 +25,6 @@ from cinecutd.control import (
     Router,
     parse_request,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 
 def toy_handler(request: dict[str, Any]) -> dict[str, Any]:

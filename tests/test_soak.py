@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from soak import SoakConfig, run_soak  # noqa: E402
+from soak import SoakConfig, run_soak
 
 OPERATIONS = 400
 FILMS = 30
