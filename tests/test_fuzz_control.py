@@ -47,10 +47,26 @@ class Conn:
     """A raw protocol connection (one line out, one line back)."""
 
     def __init__(self, path: Path, timeout: float = 5.0) -> None:
+        self.path, self.timeout = path, timeout
+        self._connect()
+
+    def _connect(self) -> None:
         self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(timeout)
-        self.s.connect(str(path))
+        self.s.settimeout(self.timeout)
+        self.s.connect(str(self.path))
         self.buf = b""
+
+    def ask(self, data: bytes) -> dict:
+        """One request, one answer. A connection idle longer than the request deadline (hypothesis
+        thinking between examples on a loaded machine) is closed by the daemon, as documented: reconnect."""
+        try:
+            self.send(data)
+            return self.line()
+        except (BrokenPipeError, ConnectionError):
+            self.close()
+            self._connect()
+            self.send(data)
+            return self.line()
 
     def send(self, data: bytes) -> None:
         self.s.sendall(data)
@@ -99,8 +115,7 @@ def test_fuzzed_requests_each_get_one_answer(live: tuple[Daemon, list]) -> None:
     def ask(req: dict) -> None:
         if req.get("cmd") == "gc" and req.get("apply") is True:
             req["apply"] = False  # the library has no orphans; keep the run about the protocol
-        conn.send(json.dumps(req).encode() + b"\n")
-        ans = conn.line()
+        ans = conn.ask(json.dumps(req).encode() + b"\n")
         _well_formed(ans)
         seen.add("ok" if ans["ok"] else ans["error"]["code"])
 
@@ -120,12 +135,10 @@ def test_fuzzed_lines_each_get_one_answer(live: tuple[Daemon, list]) -> None:
     def ask(blob: bytes) -> None:
         if not blob.strip(b" \t\r"):
             blob = b"x"
-        conn.send(blob + b"\n")
-        _well_formed(conn.line())
+        _well_formed(conn.ask(blob + b"\n"))
 
     ask()
-    conn.send(b'{"cmd":"ping"}\n')
-    assert conn.line()["ok"]
+    assert conn.ask(b'{"cmd":"ping"}\n')["ok"]
     conn.close()
 
 
