@@ -256,11 +256,25 @@ class Library_:
                 o = self.gens[old]
                 if (o.fid, o.version, o.video, o.subtitles) == (gen.fid, gen.version, gen.video, gen.subtitles):
                     self.lost.append(f"{fm.path}: results of gen {old} lost though its inputs never changed "
-                                     f"(operations so far: {', '.join(fm.history[-4:])})")
+                                     f"(operations so far: {', '.join(fm.history[-4:])}; "
+                                     f"gen {old} {self.whereabouts(old)})")
                     break
             self.gens[g] = gen
             self.note(fm.fid, f"pipeline gen {g} started at {fm.path.name}")
             return g
+
+    def whereabouts(self, g: int) -> str:
+        """Where a generation's results are now (for the diagnosis of a loss): the work dirs whose
+        checkpoint carries it, or what became of them."""
+        found = []
+        for root in self.roots:
+            for dirpath, dirnames, _ in os.walk(root):
+                for d in [d for d in dirnames if is_work_dir_name(d)]:
+                    ck = read_checkpoint(Path(dirpath) / d).checkpoint
+                    if ck is not None and gen_of_vibe(ck.vibe) == g:
+                        found.append(f"{Path(dirpath) / d} (stages {','.join(ck.stages_complete) or 'reset'})")
+                dirnames[:] = [d for d in dirnames if not is_work_dir_name(d)]
+        return "is in " + "; ".join(found) if found else "is in no work dir (deleted or overwritten)"
 
     def unique_mtime(self) -> float:
         """A strictly increasing mtime, so no replacement keeps size AND mtime (invisible by design)."""

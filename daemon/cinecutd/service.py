@@ -130,6 +130,11 @@ class Daemon:
         self.engine.on_reconciled = self.prewarm.on_reconciled
 
     def run(self) -> int:
+        if os.environ.get("CINECUTD_TRACEMALLOC"):
+            # Diagnostics for memory growth in long soaks: the top allocation sites are logged at stop.
+            import tracemalloc
+
+            tracemalloc.start(int(os.environ["CINECUTD_TRACEMALLOC"]) or 1)
         self._install_signals()
         log.info("starting", version=__version__, pid=os.getpid(), config=str(self.config.path),
                  roots=[str(lib.path) for lib in self.config.libraries])
@@ -248,6 +253,13 @@ class Daemon:
         so nothing is left half-edited; a pre-warm worker is asked to stop after its current frame."""
         self.notifier.stopping()
         log.info("stopping")
+        if os.environ.get("CINECUTD_TRACEMALLOC"):
+            import tracemalloc
+
+            snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+            for stat in snap.statistics("traceback")[:12]:
+                log.info("memory_site", size_kib=round(stat.size / 1024, 1), count=stat.count,
+                         where=" <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in stat.traceback[:6]))
         deadline = time.monotonic() + STOP_DEADLINE_S
         if self.prewarm is not None:
             self.prewarm.stop(timeout=max(0.5, deadline - time.monotonic() - 1.0))
