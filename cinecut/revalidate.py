@@ -10,6 +10,7 @@ The single place that compares stamps. The daemon calls it on every event and at
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ from cinecut.checkpoint import CheckpointRead, read_checkpoint_at
 from cinecut.inference.cache import CacheMetadata, metadata_from_fd
 from cinecut.locks import work_dir_lock
 from cinecut.stages import Input, InvalidationReport, downstream, invalidate_at
-from cinecut.stamps import InputStamps, current_stamps, read_stamps_at, write_stamps_at
-from cinecut.workdir import WorkDir
+from cinecut.stamps import FORMAT as STAMPS_FORMAT
+from cinecut.stamps import MAX_STAMPS_BYTES, InputStamps, current_stamps, read_stamps_at, write_stamps_at
+from cinecut.workdir import STAMPS_NAME, WorkDir
 
 
 @dataclass(slots=True)
@@ -182,6 +184,10 @@ def probe(
     wd = wd if wd is not None else WorkDir.for_film(film)
     try:
         with safefs.work_dir_fd(wd.path) as fd:
+            if st is not None and not subtitles:
+                fast = _fast_probe(fd, wd, st)
+                if fast is not None:
+                    return fast
             current = current_stamps(wd.film, subtitles, st=st)
             if current.video is None:
                 return Probe(True, False, stamps=current)
@@ -195,3 +201,30 @@ def probe(
         return Probe(False, False)
     except OSError:
         return Probe(True, True)
+
+
+def _fast_probe(fd: int, wd: WorkDir, st: os.stat_result) -> Probe | None:
+    """The rescan's common case, decided on the raw sidecar: everything matches, nothing to do.
+
+    A library rescan probes every film; most are unchanged since the last look. Comparing the decoded
+    JSON with the film's ``stat`` directly skips building and validating objects. Any doubt (a field
+    that is off, an unusual sidecar) returns None and the full path decides.
+    """
+    try:
+        raw = json.loads(safefs.read_bounded(fd, STAMPS_NAME, MAX_STAMPS_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not (
+        type(raw) is dict
+        and raw.get("format") == STAMPS_FORMAT
+        and raw.get("subtitles") == []
+        and raw.get("video") == {"mtime": st.st_mtime, "size": st.st_size}
+        and raw.get("inode") == st.st_ino
+        and raw.get("device") == st.st_dev
+        and raw.get("source_file") == str(wd.film)
+    ):
+        return None
+    meta = _cache_metadata_at(fd, wd.cache_name)
+    if meta is not None and (meta.mtime != st.st_mtime or meta.size != st.st_size):
+        return None
+    return Probe(True, False, meta, None)
