@@ -298,10 +298,14 @@ def gen_of_vibe(vibe: str) -> int | None:
     return int(vibe[4:]) if vibe.startswith("soak") and vibe[4:].isdigit() else None
 
 
-def run_pipeline(lib: Library_, fm: FilmModel, *, hold: float = 0.0) -> str:
+def run_pipeline(lib: Library_, fm: FilmModel, *, hold: float = 0.0,
+                 at: tuple[Path, list[Path]] | None = None) -> str:
     """One pipeline run over a film, as cinecut's pipeline does it: lock, stamp the inputs, compute, write
-    through the cinecut API, and record the stamps sidecar last as the commit mark. Returns an outcome."""
-    film, subs = fm.path, list(fm.subs.values())
+    through the cinecut API, and record the stamps sidecar last as the commit mark. Returns an outcome.
+
+    ``at``: the film's path and subtitles as they were when the run was chosen (a run started on a name
+    goes on with that name, whatever the driver does to the film meanwhile)."""
+    film, subs = at if at is not None else (fm.path, list(fm.subs.values()))
     wd = WorkDir.for_film(film)
     if not os.path.exists(film):
         return "vanished"
@@ -640,8 +644,15 @@ class Pipeline(threading.Thread):
                 cold = [f for f in films if now - f.last_op > PIPELINE_SETTLE_S and not _cache_valid(f.path)]
                 if cold:
                     fm = self.rng.choice(cold)
+                    # The name is taken together with the settle check, under the driver's lock: a film the
+                    # driver renamed since ``cold`` was computed (its path is then a fresh name, its last_op
+                    # new) is not started on, just as the pre-warm never starts on a name seconds old.
+                    with self.lib.lock:
+                        at = (fm.path, list(fm.subs.values()))
+                        settled = time.monotonic() - fm.last_op > PIPELINE_SETTLE_S
                     try:
-                        outcome = run_pipeline(self.lib, fm, hold=self.rng.choice([0.0, 0.005, 0.03]))
+                        outcome = run_pipeline(self.lib, fm, hold=self.rng.choice([0.0, 0.005, 0.03]), at=at) \
+                            if settled else "unsettled"
                     except FileNotFoundError:
                         outcome = "vanished"  # its folder moved while it ran: a real pipeline fails too
                     self.outcomes[outcome] += 1

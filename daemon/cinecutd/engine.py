@@ -44,6 +44,11 @@ log = structlog.get_logger("cinecutd")
 #: How long a vanished film is remembered by inode, to recognise a move across roots (delete + create).
 GONE_MEMORY_S = 600.0
 PENDING_RETRY_S = 0.25
+#: How long the results under a film's previous, never-registered name may take to show their commit mark
+#: (our stamps sidecar) before the daemon stops waiting to carry them along. A pipeline holding the work
+#: dir's lock is waited for as long as it holds it; this bounds only the unlocked, unmarked case (a
+#: pipeline between creating the work dir and locking it).
+UNCONFIRMED_WAIT_S = 1.0
 OVERFLOW_RESCAN_GAP_S = 5.0
 
 
@@ -87,6 +92,10 @@ class Engine:
         # Moves of a work dir that a pipeline's lock held up: new film -> (old film, moved with its folder).
         # Retried with the pending invalidations, so a rename during an analysis keeps its results.
         self._migrations: dict[Path, tuple[Path, bool]] = {}
+        # Of those, the ones whose results are not yet known to be this film's (a rename from a name the
+        # daemon never registered, while a pipeline wrote under that name): new film -> deadline. The move
+        # happens once the pipeline's commit mark names this very file.
+        self._unconfirmed: dict[Path, float] = {}
         self.next_rescan: float | None = None
         self._overflow_due: float | None = None
         self._last_overflow_rescan = -OVERFLOW_RESCAN_GAP_S
@@ -425,6 +434,7 @@ class Engine:
         old_film = state.film
         self.reg.remove(old_film)
         waiting = self._migrations.pop(old_film, None)
+        unconfirmed = self._unconfirmed.pop(old_film, None)
         if lib is None:
             return
         if waiting is not None and not dir_moved:  # renamed again before its work dir could follow
@@ -432,6 +442,11 @@ class Engine:
         new_state = self._register(new_film, lib)
         new_state.stamp, new_state.inode, new_state.device = state.stamp, state.inode, state.device
         new_state.last_event = ("renamed", time.time())
+        if waiting is not None and not dir_moved and unconfirmed is not None:
+            # Still waiting for a pipeline's commit mark under an older name: go on waiting, for the new one.
+            self._await_results(old_film, new_state, unconfirmed)
+            self._judge_after_move(old_film, new_state, lib, t0, "renamed")
+            return
         old_wd = WorkDir.for_film(old_film).path
         # Its folder moved (the polling observer may report the film's move before the folder's): the
         # work dir travelled along under the same name, so only the stored paths need rewriting.
@@ -469,15 +484,54 @@ class Engine:
     def _follow_unknown_rename(self, src: Path, state: FilmState, t0: float) -> None:
         """A rename from a name the daemon never registered (the film arrived and was renamed within one
         burst of queued events). The old name's work dir belongs to this very file if our sidecar in it
-        names its device and inode with the same stamp: carry it along."""
+        names its device and inode with the same stamp: carry it along.
+
+        A pipeline may be writing that work dir right now (it started on the film under its old name, and
+        the rename came while it ran): its commit mark is not there yet, or is an older run's. Then the
+        move waits for the pipeline to finish, like a rename of a known film during an analysis, and
+        follows once the commit mark names this file; otherwise the fresh results would stay behind under
+        the old name, never attached to the film."""
         old_wd = WorkDir.for_film(src).path
         if old_wd == state.work_dir or os.path.lexists(state.work_dir) or not os.path.lexists(old_wd):
             return
-        rec = read_stamps(old_wd)
-        if rec is None or (rec.device, rec.inode) != (state.device, state.inode) or rec.video != state.stamp:
+        if os.path.lexists(src):
+            return  # another file took the old name since: the work dir is its
+        verdict = self._results_of(src, state)
+        if verdict == "theirs":
             return
-        self._migrate(src, state.film, t0)
+        if verdict == "mine":
+            self._migrate(src, state.film, t0)
+        else:
+            self._await_results(src, state, time.monotonic() + UNCONFIRMED_WAIT_S)
         self._judge_after_move(src, state, self._lib_of(state), t0, "renamed")
+
+    def _results_of(self, old_film: Path, state: FilmState) -> str:
+        """Whose results the work dir of ``old_film`` (a name ``state`` was renamed from) holds: ``mine``
+        (our commit mark, or else upstream's cache, names this very file), ``theirs`` (another file's, or
+        nothing to carry), or ``unknown`` (a pipeline holds it, or it has no commit mark yet)."""
+        old = WorkDir.for_film(old_film)
+        if not os.path.lexists(old.path) or os.path.lexists(state.work_dir):
+            return "theirs"
+        if is_work_dir_locked(old.path):
+            return "unknown"  # a pipeline is writing it: its commit mark, once written, decides
+        rec = read_stamps(old.path)
+        if rec is None:
+            meta = read_cache_metadata(old.cache_path)  # results of an upstream run carry no sidecar of ours
+            if meta is not None and meta.source_file == str(old_film) and meta.stamp == state.stamp:
+                return "mine"
+            return "unknown"
+        if (rec.device, rec.inode) != (state.device, state.inode) or rec.video != state.stamp:
+            return "theirs"
+        return "mine"
+
+    def _await_results(self, old_film: Path, state: FilmState, deadline: float) -> None:
+        """Hold the move of ``old_film``'s work dir to ``state`` (and its judgement) until its results are
+        known to be this film's; retried with the pending invalidations."""
+        self._migrations[state.film] = (old_film, False)
+        self._unconfirmed[state.film] = deadline
+        log.info("migration_deferred", film=str(state.film), old_film=str(old_film),
+                 reason="results under the old name not committed yet")
+        self._defer(state, "renamed", LockBusy(WorkDir.for_film(old_film).lock_path))
 
     def _sidecars_left(self, old_film: Path, lib: LibraryConfig) -> bool:
         from cinecutd.discovery import subtitles_of
@@ -605,6 +659,7 @@ class Engine:
         state = self.reg.films.get(film)
         if state is None or state.pending is None:
             self._migrations.pop(film, None)
+            self._unconfirmed.pop(film, None)
             return
         waiting = self._migrations.get(film)
         held = state.work_dir if waiting is None or waiting[1] else WorkDir.for_film(waiting[0]).path
@@ -612,6 +667,17 @@ class Engine:
             self._pending.add(film)
             self._push_timer(time.monotonic() + PENDING_RETRY_S, "pending", film)
             return
+        deadline = self._unconfirmed.get(film)
+        if waiting is not None and deadline is not None:
+            verdict = self._results_of(waiting[0], state)
+            if verdict == "unknown" and time.monotonic() < deadline:
+                self._pending.add(film)
+                self._push_timer(time.monotonic() + PENDING_RETRY_S, "pending", film)
+                return
+            del self._unconfirmed[film]
+            if verdict != "mine":  # not this film's results after all: they stay where they are
+                del self._migrations[film]
+                waiting = None
         if waiting is not None:
             del self._migrations[film]
             self._migrate(waiting[0], film, time.monotonic(), moved_with_folder=waiting[1])
@@ -634,7 +700,14 @@ class Engine:
             self._film_gone(state.film)
             return
         state.stamp, state.inode, state.device = SourceStamp.from_stat(st), st.st_ino, st.st_dev
-        self._revalidate(state, time.monotonic(), "settled")
+        if any(not os.path.lexists(sub) for sub in state.subtitles):
+            # A sidecar listed for it is gone: most often half of a rename under way (Radarr renames the
+            # subtitles first, then the film), whose events may still be on their way through the watcher.
+            # Judged now, the gap would read as a deleted subtitle and wipe valid results; judged once things
+            # are quiet, as any subtitle deletion is.
+            self._push_timer(time.monotonic() + max(self.config.daemon.settle_seconds, 0.5), "subs", state.film)
+        else:
+            self._revalidate(state, time.monotonic(), "settled")
         if self.on_film_changed is not None:
             self.on_film_changed(state)
 
