@@ -118,10 +118,11 @@ _MAX_INNER_ARRAY: Final = 4
 _MAX_INNER_MAP: Final = 8
 
 
-def bounded_unpacker(f: Any, buffer_size: int, max_str: int) -> msgpack.Unpacker:
+def bounded_unpacker(f: Any, buffer_size: int, max_str: int, *, read_size: int = 1 << 16) -> msgpack.Unpacker:
+    """An unpacker that can never be talked into a large allocation (``f=None``: fed with bytes)."""
     return msgpack.Unpacker(
         f,
-        read_size=min(buffer_size, 1 << 16),
+        read_size=min(buffer_size, read_size),
         max_buffer_size=buffer_size,
         raw=False,
         strict_map_key=False,
@@ -231,18 +232,7 @@ def read_cache_metadata(path: str | os.PathLike[str]) -> CacheMetadata | None:
 
 
 def stream_metadata(f: Any) -> CacheMetadata | None:
-    unpacker = msgpack.Unpacker(
-        f,
-        read_size=4096,
-        max_buffer_size=_HEADER_BUFFER,
-        raw=False,
-        strict_map_key=False,
-        max_str_len=_MAX_STR,
-        max_bin_len=_MAX_STR,
-        max_array_len=_MAX_INNER_ARRAY,
-        max_map_len=_MAX_INNER_MAP,
-        max_ext_len=0,
-    )
+    unpacker = bounded_unpacker(f, _HEADER_BUFFER, _MAX_STR, read_size=4096)
     n = unpacker.read_map_header()
     for _ in range(min(n, 2)):
         key = unpacker.unpack()
@@ -287,16 +277,7 @@ def metadata_from_fd(fd: int) -> CacheMetadata | None:
     of any real cache (a path is at most 4 KiB); a longer header falls back to the streaming reader."""
     try:
         head = os.pread(fd, _HEAD_BYTES, 0)
-        unpacker = msgpack.Unpacker(
-            raw=False,
-            strict_map_key=False,
-            max_buffer_size=_HEAD_BYTES,
-            max_str_len=_MAX_STR,
-            max_bin_len=_MAX_STR,
-            max_array_len=_MAX_INNER_ARRAY,
-            max_map_len=_MAX_INNER_MAP,
-            max_ext_len=0,
-        )
+        unpacker = bounded_unpacker(None, _HEAD_BYTES, _MAX_STR)
         unpacker.feed(head)
         try:
             if unpacker.read_map_header() < 1 or unpacker.unpack() != "metadata":
