@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -20,21 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGING = REPO / "packaging"
 SCRIPTS = [PACKAGING / "install.sh", PACKAGING / "cinecut-prewarm-addon", PACKAGING / "build-deb.sh",
            PACKAGING / "debian" / "postrm"]
-
-
-@pytest.fixture(scope="session")
-def deb_package(tmp_path_factory) -> Path:
-    """The .deb CI built (CINECUT_DEB), else one built now with packaging/build-deb.sh."""
-    given = os.environ.get("CINECUT_DEB")
-    if given:
-        assert Path(given).is_file(), f"CINECUT_DEB={given} does not exist"
-        return Path(given)
-    if shutil.which("dpkg-buildpackage") is None:
-        pytest.skip("dpkg-buildpackage missing: apt install dpkg-dev debhelper dh-python pybuild-plugin-pyproject")
-    out = tmp_path_factory.mktemp("deb")
-    r = subprocess.run([str(PACKAGING / "build-deb.sh"), str(out)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    return Path(r.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

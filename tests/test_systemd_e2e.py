@@ -191,22 +191,6 @@ def library() -> Iterator[Library]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def deb_package(tmp_path_factory) -> Path:
-    """The .deb CI built (CINECUT_DEB), else one built now with packaging/build-deb.sh."""
-    given = os.environ.get("CINECUT_DEB")
-    if given:
-        assert Path(given).is_file(), f"CINECUT_DEB={given} does not exist"
-        return Path(given)
-    if shutil.which("dpkg-buildpackage") is None:
-        pytest.skip("dpkg-buildpackage missing: apt install dpkg-dev debhelper dh-python pybuild-plugin-pyproject")
-    out = tmp_path_factory.mktemp("deb")
-    r = subprocess.run([str(REPO / "packaging" / "build-deb.sh"), str(out)], capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr
-    return Path(r.stdout.strip().splitlines()[-1])
-
-
 def prepare_users_and_group(sb: Sandbox, lib: Library) -> None:
     sb.run("groupadd", "--system", "media-e2e")
     gid = int(sb.run("getent", "group", "media-e2e").stdout.split(":")[2])
