@@ -36,6 +36,7 @@ from cinecut.workdir import (
 from cinecutd.config import Config, LibraryConfig
 from cinecutd.discovery import ScanResult, in_work_dir, is_film_name, scan_folder, scan_root
 from cinecutd.gc import collect_orphans
+from cinecutd.memory import trim_heap
 from cinecutd.migrate import JOURNAL_NAME, MigrationError, migrate_work_dir, resume_migration
 from cinecutd.registry import FilmState, Registry, RootState
 
@@ -541,6 +542,7 @@ class Engine:
     def _migrate(self, old_film: Path, new_film: Path, t0: float, *, moved_with_folder: bool = False) -> None:
         try:
             report = migrate_work_dir(old_film, new_film, moved_with_folder=moved_with_folder)
+            trim_heap()
         except LockBusy:
             log.info("migration_deferred", film=str(new_film), reason="work dir locked by a pipeline")
             self._migrations[new_film] = (old_film, moved_with_folder)

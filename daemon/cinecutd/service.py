@@ -24,6 +24,7 @@ from cinecutd.control import ControlError, ControlServer, ControlSocketError, Ro
 from cinecutd.engine import Engine
 from cinecutd.gc import collect_orphans
 from cinecutd.logs import configure_logging
+from cinecutd.memory import trim_heap
 from cinecutd.sdnotify import Notifier
 from cinecutd.watcher import Watchers
 
@@ -148,6 +149,7 @@ class Daemon:
         # collection never walks 10,000 film states in the middle of an invalidation (p99 latency).
         gc.collect()
         gc.freeze()
+        trim_heap(force=True)
         try:
             self._start_control()
         except (ControlSocketError, OSError) as exc:
