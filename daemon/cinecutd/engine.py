@@ -30,7 +30,6 @@ from cinecut.stamps import read_stamps
 from cinecut.workdir import (
     WorkDir,
     is_work_dir_name,
-    stem_of_work_dir,
     subtitle_belongs_to,
 )
 from cinecutd.config import Config, LibraryConfig
@@ -726,8 +725,6 @@ class Engine:
             state.cache = "missing"
         rep = res.report
         if rep is None or not rep.changed_anything:
-            if rep is not None:
-                state.stale_fixed += 0
             return
         latency = (time.monotonic() - t0) * 1000
         state.stale_fixed += 1
@@ -1050,8 +1047,4 @@ class Engine:
         }
 
 
-def orphan_stem(work_dir: Path) -> str:
-    return stem_of_work_dir(work_dir.name)
-
-
-__all__ = ["Engine", "FsEvent", "orphan_stem", "safefs"]
+__all__ = ["Engine", "FsEvent"]
