@@ -7,6 +7,7 @@ the whole checkpoint on any extra key, so nothing of ours is ever stored here (s
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import math
 import os
@@ -17,6 +18,8 @@ from typing import Any, Final
 from cinecut import safefs
 from cinecut.workdir import CHECKPOINT_NAME, CKPT_TMP_SUFFIX, WorkDir, as_work_dir
 
+#: Upstream's public name for the checkpoint file (``cinecut.checkpoint.CHECKPOINT_FILENAME``).
+CHECKPOINT_FILENAME: Final = CHECKPOINT_NAME
 STAGE_NAMES: Final = ("proxy", "subtitles", "keyframes", "structural", "narrative", "assembly", "music")
 #: ~100x a real checkpoint (a few KB); a hostile JSON file costs up to ~25x its size to parse.
 MAX_CHECKPOINT_BYTES: Final = 256 << 10
@@ -43,15 +46,24 @@ class PipelineCheckpoint:
         """Exactly the upstream keys, in declaration order."""
         return asdict(self)
 
+    def is_stage_complete(self, stage: str) -> bool:
+        """Upstream's API: True if ``stage`` is in ``stages_complete`` (any string may be asked)."""
+        return stage in self.stages_complete
+
+    def mark_stage_complete(self, stage: str) -> None:
+        """Upstream's API: append ``stage`` unless present; any string is accepted, as upstream does."""
+        if stage not in self.stages_complete:
+            self.stages_complete.append(stage)
+
     def is_complete(self, stage: str) -> bool:
+        """Alias of :meth:`is_stage_complete`."""
         return stage in self.stages_complete
 
     def mark_complete(self, stage: str) -> None:
-        """Record a finished stage once, in completion order (as upstream does)."""
+        """Our own stages' guard against typos: :meth:`mark_stage_complete` for a known stage name only."""
         if stage not in STAGE_NAMES:
             raise ValueError(f"unknown stage {stage!r}")
-        if stage not in self.stages_complete:
-            self.stages_complete.append(stage)
+        self.mark_stage_complete(stage)
 
     @classmethod
     def from_dict(cls, data: object) -> PipelineCheckpoint:
@@ -146,9 +158,25 @@ def read_checkpoint(work_dir: WorkDir | str | os.PathLike[str]) -> CheckpointRea
         return CheckpointRead(CheckpointStatus.UNREADABLE, reason=f"{exc.strerror or exc}")
 
 
+#: Errors upstream's ``ckpt_path.exists()`` turns into "no checkpoint" (plus ours: too large to be one).
+_ABSENT_ERRNOS: Final = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EFBIG})
+
+
 def load_checkpoint(work_dir: WorkDir | str | os.PathLike[str]) -> PipelineCheckpoint | None:
-    """Upstream-style load: the checkpoint, or None when missing or unreadable ("start fresh")."""
-    return read_checkpoint(work_dir).checkpoint
+    """Upstream's API and error semantics: None when the file is missing, not JSON or not a checkpoint
+    ("start fresh"); any other error (``PermissionError``, ``EIO``) propagates, as upstream's does, so a
+    caller never mistakes an unreadable checkpoint for an absent one. A symlinked checkpoint or work dir
+    is never followed: it reads as absent. :func:`read_checkpoint` is the never-raising variant.
+    """
+    wd = as_work_dir(work_dir)
+    try:
+        with safefs.work_dir_fd(wd.path) as fd:
+            data = safefs.read_bounded(fd, CHECKPOINT_NAME, MAX_CHECKPOINT_BYTES)
+    except OSError as exc:
+        if exc.errno in _ABSENT_ERRNOS:
+            return None
+        raise
+    return parse_checkpoint(data).checkpoint
 
 
 def encode_checkpoint(ckpt: PipelineCheckpoint) -> bytes:
@@ -165,7 +193,7 @@ def save_checkpoint_at(ckpt: PipelineCheckpoint, dir_fd: int) -> None:
     safefs.atomic_write(dir_fd, CHECKPOINT_NAME, encode_checkpoint(ckpt), tmp_suffix=CKPT_TMP_SUFFIX)
 
 
-def save_checkpoint(ckpt: PipelineCheckpoint, work_dir: WorkDir | str | os.PathLike[str]) -> Path:
+def save_checkpoint(checkpoint: PipelineCheckpoint, work_dir: WorkDir | str | os.PathLike[str]) -> Path:
     """Atomically write a work dir's checkpoint (temp file in the same dir, fsync, rename, fsync dir).
 
     Creates the work dir if needed; refuses a symlinked work dir.
@@ -173,7 +201,7 @@ def save_checkpoint(ckpt: PipelineCheckpoint, work_dir: WorkDir | str | os.PathL
     wd = as_work_dir(work_dir)
     ensure_work_dir(wd)
     with safefs.work_dir_fd(wd.path) as fd:
-        save_checkpoint_at(ckpt, fd)
+        save_checkpoint_at(checkpoint, fd)
     return wd.checkpoint_path
 
 

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from cinecut import __version__
+from cinecut.inference.parallel import MAX_PARALLEL
 from cinecut.ingest import IngestError
 from cinecut.pipeline import (
     DEFAULT_MAX_GAP_S,
@@ -53,6 +54,7 @@ EXIT_CODES_HELP: Final = """exit codes:
   69   ffmpeg/ffprobe not installed
   73   the work dir cannot be created or is unsafe (symlinked)
   75   work dir or GPU held by another pipeline and --no-wait given
+  77   the work dir holds the results of a same-stem twin (Heat.mkv beside Heat.mp4); --take-over resets it
   78   model missing or unloadable (needed on a cache miss only)
   130  interrupted (Ctrl-C or SIGTERM); described frames are kept and the next run resumes"""
 
@@ -105,6 +107,8 @@ class _Display:
             self.line(
                 f"Cache hit: loaded {ev.done} SceneDescriptions from {ev.path} — LLaVA inference skipped"
             )
+        elif kind is EventKind.SALVAGED:
+            self.line(f"Subtitles changed, video unchanged: {ev.message}; describing the other {ev.total - ev.done}")
         elif kind is EventKind.FRAME:
             self.frame(ev)
         elif kind is EventKind.CACHE_SAVED:
@@ -189,6 +193,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             n_gpu_layers=args.n_gpu_layers,
             n_ctx=args.n_ctx,
             max_tokens=args.max_tokens,
+            parallel=args.parallel,
             vibe=args.vibe,
             gpu_lock_path=args.gpu_lock,
             interactive=True,
@@ -197,6 +202,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             gpu_wait=NO_WAIT_GPU_GRACE_S if args.no_wait else None,
             max_gap=args.max_gap,
             max_keyframes=args.max_keyframes,
+            take_over=args.take_over,
         )
     except KeyboardInterrupt:
         display.close_bar()
@@ -244,16 +250,16 @@ def status_report(film: str | os.PathLike[str]) -> dict[str, Any]:
     from cinecut.stamps import read_stamps
     from cinecut.workdir import WorkDir, subtitle_sidecars
 
-    f = film_path(film)
+    f = film_path(film)  # upstream's spelling (realpath)
     wd = WorkDir.for_film(f)
     stamp = SourceStamp.maybe(f)
-    subs = subtitle_sidecars(f)
+    subs = subtitle_sidecars(os.path.abspath(film))  # beside the name given, as analyze pairs them
     report: dict[str, Any] = {
         "film": str(f),
         "film_present": stamp is not None,
         "film_stamp": stamp.to_dict() if stamp else None,
         "subtitles": [str(s) for s in subs],
-        "subtitle_used": str(chosen) if (chosen := choose_subtitle(f)) else None,
+        "subtitle_used": str(chosen) if (chosen := choose_subtitle(film)) else None,
         "work_dir": str(wd.path),
         "work_dir_exists": os.path.isdir(wd.path) and not os.path.islink(wd.path),
     }
@@ -370,6 +376,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _parallel_count(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_PARALLEL:
+        raise argparse.ArgumentTypeError(f"must be 0 (auto) to {MAX_PARALLEL}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cinecut",
@@ -409,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"token budget per frame (default {DEFAULT_MAX_TOKENS})",
     )
     an.add_argument(
+        "--parallel",
+        type=_parallel_count,
+        default=1,
+        metavar="N",
+        help="frames described at once in one batch (default 1, one at a time; 0: as many as the free "
+        f"VRAM holds, at most {MAX_PARALLEL})",
+    )
+    an.add_argument(
         "--gpu-lock",
         type=Path,
         default=None,
@@ -433,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="cap a new keyframe plan at this many frames, spread evenly (default: no cap)",
+    )
+    an.add_argument(
+        "--take-over",
+        action="store_true",
+        help="the work dir holds the results of a same-stem twin (Heat.mkv beside Heat.mp4, which share "
+        "Heat_cinecut_work): discard them and analyse FILM there (without it: refuse, exit 77)",
     )
     an.set_defaults(func=cmd_analyze)
 

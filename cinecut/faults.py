@@ -1,8 +1,9 @@
 """Fault injection for crash-consistency tests: kill or wedge a process (daemon, worker, CLI) at named points.
 
 Off unless ``CINECUTD_FAULTS`` is set, e.g. ``CINECUTD_FAULTS="kill:migrate.after_rename"`` (SIGKILL
-ourselves when that point is reached) or ``"wedge:rescan"`` (block the main loop forever, to prove the
-systemd watchdog restarts a wedged daemon). ``kill:*@0.3`` kills at each point with probability 0.3.
+ourselves when that point is reached), ``"wedge:rescan"`` (block the main loop forever, to prove the
+systemd watchdog restarts a wedged daemon) or ``"raise:watch.event"`` (raise ``RuntimeError`` there, to
+prove a thread that dies of an exception is noticed). ``kill:*@0.3`` kills at each point with probability 0.3.
 The cost when unset is one dict lookup per point.
 """
 
@@ -40,3 +41,5 @@ def point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "wedge":
         threading.Event().wait()
+    elif action == "raise":
+        raise RuntimeError(f"fault injected at {name}")

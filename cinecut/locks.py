@@ -1,8 +1,10 @@
 """Advisory ``flock`` locks shared by the CLI, the pre-warm worker and the daemon.
 
 flock locks belong to an open file description and vanish when the holder dies, so a crashed pipeline
-never leaves a work dir locked. Lock files are opened with ``O_NOFOLLOW``: a lock file swapped for a
-symlink is refused, never created or truncated through.
+never leaves a work dir locked. Lock files are opened read-only with ``O_NOFOLLOW`` and never written: a
+lock file swapped for a symlink is refused, and one that is a hard link to a film (dedupe tools, ``cp -al``)
+is only locked, never truncated or written through. Who holds a lock lives in a separate file,
+``<lock>.holder``, which only a holder that announces itself writes, always as a new file renamed into place.
 """
 
 from __future__ import annotations
@@ -29,10 +31,17 @@ class LockBusy(Exception):
         self.holder = holder
 
 
+#: Suffix of the file beside a lock that names its holder (pid, purpose, since).
+HOLDER_SUFFIX = ".holder"
+_HOLDER_TMP_SUFFIX = ".holder.tmp"
+
+
 class FileLock:
     """An exclusive (or shared) flock on one file, with non-blocking, timeout and blocking acquisition.
 
-    The holder writes its pid and purpose into the file so status can say who holds it.
+    With ``announce``, the holder records its pid and purpose in ``<lock>.holder`` (a file created fresh
+    and renamed into place, removed again on release) so others can say who holds it. The lock file itself
+    is never written.
     """
 
     def __init__(
@@ -42,11 +51,14 @@ class FileLock:
         purpose: str = "",
         dir_fd: int | None = None,
         shared: bool = False,
+        announce: bool = False,
     ) -> None:
         self.path = Path(path)
         self.purpose = purpose
         self._dir_fd = dir_fd
         self._shared = shared
+        self._announce = announce and not shared
+        self._announced = False
         self._fd: int | None = None
 
     @property
@@ -54,14 +66,12 @@ class FileLock:
         return self._fd is not None
 
     def _open(self) -> int:
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        # Read-only: flock needs no write access, and a descriptor that cannot write cannot damage a file
+        # that turns out to be a hard link to someone's film.
+        flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         name: str | Path = self.path.name if self._dir_fd is not None else self.path
         try:
-            try:
-                fd = os.open(name, flags, 0o664, dir_fd=self._dir_fd)
-            except PermissionError:
-                # A group member may lock a file it cannot write (flock needs no write access).
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self._dir_fd)
+            fd = os.open(name, flags, 0o664, dir_fd=self._dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise safefs.SymlinkRefused(self.path, "lock file") from exc
@@ -86,7 +96,7 @@ class FileLock:
             os.close(fd)
             raise
         self._fd = fd
-        if not self._shared and self.purpose != "probe":
+        if self._announce:
             self._write_holder()
         return True
 
@@ -102,31 +112,45 @@ class FileLock:
 
     def release(self) -> None:
         """Drop the lock (idempotent). The file stays: deleting it would race with other openers."""
+        if self._fd is not None and self._announced:
+            self._in_dir(lambda d: safefs.unlink_regular(d, self._holder_name))  # while still held
+            self._announced = False
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
 
-    def holder(self) -> dict[str, Any] | None:
-        """Who wrote the lock file last (pid, purpose, since); None if unknown."""
+    @property
+    def _holder_name(self) -> str:
+        return self.path.name + HOLDER_SUFFIX
+
+    def _in_dir(self, fn: Any) -> Any:
+        """Run ``fn(dir_fd)`` on the lock's directory; None on any OSError (holder info is a courtesy)."""
         try:
             if self._dir_fd is not None:
-                data = safefs.read_bounded(self._dir_fd, self.path.name, 4096)
-            else:
-                with safefs.dir_fd(self.path.parent, follow_last=True) as d:
-                    data = safefs.read_bounded(d, self.path.name, 4096)
-            info = json.loads(data)
-            return info if isinstance(info, dict) else None
-        except (OSError, ValueError):
+                return fn(self._dir_fd)
+            with safefs.dir_fd(self.path.parent, follow_last=True) as d:
+                return fn(d)
+        except OSError:
             return None
 
-    def _write_holder(self) -> None:
-        assert self._fd is not None
-        info = json.dumps({"pid": os.getpid(), "purpose": self.purpose, "since": time.time()}).encode()
+    def holder(self) -> dict[str, Any] | None:
+        """Who holds the lock, if its holder announced itself and is alive (pid, purpose, since); else None."""
+        data = self._in_dir(lambda d: safefs.read_bounded(d, self._holder_name, 4096))
         try:
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, info, 0)
-        except OSError:
-            pass  # the lock itself is what matters; holder info is a courtesy
+            info = json.loads(data) if data is not None else None
+        except ValueError:
+            return None
+        if not isinstance(info, dict) or not isinstance(info.get("pid"), int) or not _alive(info["pid"]):
+            return None  # left behind by a holder that died
+        return info
+
+    def _write_holder(self) -> None:
+        info = json.dumps({"pid": os.getpid(), "purpose": self.purpose, "since": time.time()}).encode()
+        done = self._in_dir(
+            lambda d: safefs.atomic_write(d, self._holder_name, info, tmp_suffix=_HOLDER_TMP_SUFFIX, durable=False)
+            or True
+        )
+        self._announced = bool(done)
 
     def __enter__(self) -> Self:
         self.acquire()
@@ -139,19 +163,35 @@ class FileLock:
         self.release()
 
 
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def _is_regular(fd: int) -> bool:
     import stat
 
     return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
-def work_dir_lock(work_dir: WorkDir | str | os.PathLike[str], *, purpose: str, dir_fd: int | None = None) -> FileLock:
+def work_dir_lock(
+    work_dir: WorkDir | str | os.PathLike[str], *, purpose: str, dir_fd: int | None = None, announce: bool = False
+) -> FileLock:
     """The lock of a work dir (``<work dir>/cinecut.lock``), held by whoever edits the work dir.
 
     Pass ``dir_fd`` (the work dir opened with O_NOFOLLOW) to lock through it rather than the path.
+    ``announce``: record the holder beside the lock (long holders such as a pipeline run; the daemon's
+    brief edits do not, so they write nothing but what they change).
     """
     path = work_dir.path if isinstance(work_dir, WorkDir) else Path(work_dir)
-    return FileLock(path / LOCK_NAME, purpose=purpose, dir_fd=dir_fd)
+    return FileLock(path / LOCK_NAME, purpose=purpose, dir_fd=dir_fd, announce=announce)
 
 
 def is_work_dir_locked(work_dir: WorkDir | str | os.PathLike[str]) -> bool:
@@ -163,6 +203,8 @@ def is_work_dir_locked(work_dir: WorkDir | str | os.PathLike[str]) -> bool:
     path = work_dir.path if isinstance(work_dir, WorkDir) else Path(work_dir)
     try:
         with safefs.work_dir_fd(path) as fd:
+            if safefs.lstat_in(fd, LOCK_NAME) is None:
+                return False  # every holder creates the file first; a question creates nothing
             lock = work_dir_lock(path, purpose="probe", dir_fd=fd)
             if lock.try_acquire():
                 lock.release()
@@ -184,7 +226,7 @@ class GpuLock:
     def __init__(self, path: str | os.PathLike[str], *, purpose: str, interactive: bool) -> None:
         self.path = Path(path)
         self.interactive = interactive
-        self._gpu = FileLock(self.path, purpose=purpose)
+        self._gpu = FileLock(self.path, purpose=purpose, announce=True)
         self._want = FileLock(self.path.with_name(self.path.name + ".want"), purpose=purpose, shared=True)
 
     @property

@@ -41,3 +41,30 @@ class KeyframeRecord:
         if source not in KEYFRAME_SOURCES:
             raise ValueError(f"unknown keyframe source {source!r}")
         return cls(float(ts), path, source)
+
+
+@dataclass(slots=True)
+class DialogueEvent:
+    """Upstream's dialogue event (``cinecut.models.DialogueEvent``), field for field.
+
+    Code written against upstream imports it from here; the ingest stage uses its own leaner
+    :class:`cinecut.ingest.DialogueEvent` (seconds and text only), convertible with :meth:`from_seconds`.
+    """
+
+    start_ms: int
+    end_ms: int
+    start_s: float
+    end_s: float
+    midpoint_s: float
+    text: str
+    emotion: str
+
+    @classmethod
+    def from_seconds(cls, start_s: float, end_s: float, text: str, emotion: str = "neutral") -> DialogueEvent:
+        """An event from on-screen times in seconds (milliseconds derived as pysubs2 counts them)."""
+        return cls(
+            round(start_s * 1000), round(end_s * 1000), start_s, end_s, (start_s + end_s) / 2, text, emotion
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

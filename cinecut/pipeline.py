@@ -31,7 +31,7 @@ import math
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -55,6 +55,7 @@ from cinecut.inference.partial import (
     read_partial_at,
     remove_partial_at,
 )
+from cinecut.inference.salvage import frame_key, read_salvage_at, remove_salvage_at
 from cinecut.ingest import (
     DialogueEvent,
     MissingInputError,
@@ -68,11 +69,13 @@ from cinecut.ingest import (
 from cinecut.ingest.ffmpeg import require_file
 from cinecut.locks import FileLock, GpuLock, LockBusy, work_dir_lock
 from cinecut.models import KeyframeRecord
+from cinecut.paths import same_film_path
 from cinecut.progress import EventKind, ProgressCallback, ProgressEvent, RateMeter, ignore_progress
 from cinecut.revalidate import Revalidation, revalidate
 from cinecut.stages import STAGE_BY_NAME, InvalidationReport, downstream, invalidate_at
 from cinecut.stamp import SourceStamp, film_path
 from cinecut.stamps import InputStamps, current_stamps, write_stamps_at
+from cinecut.twins import TwinConflict, twin_owner_at
 from cinecut.workdir import (
     CKPT_TMP_SUFFIX,
     KEYFRAME_RE,
@@ -126,6 +129,12 @@ class WorkDirError(PipelineError):
     """The work dir cannot be created or used (permissions, a symlinked work dir)."""
 
     exit_code = 73  # EX_CANTCREAT
+
+
+class TwinError(PipelineError):
+    """The work dir holds the results of a same-stem twin that still exists (see :mod:`cinecut.twins`)."""
+
+    exit_code = 77  # EX_NOPERM: not this film's to take without --take-over
 
 
 class AnalysisStopped(PipelineError):
@@ -217,7 +226,7 @@ def rank_subtitles(film: Path, sidecars: Sequence[Path]) -> list[Path]:
 
 def choose_subtitle(film: str | os.PathLike[str]) -> Path | None:
     """The subtitle sidecar a run uses when none is given (``<stem>.srt``, ``<stem>.en.srt``, ...)."""
-    f = film_path(film)
+    f = Path(os.path.abspath(film))  # paired by the name given, as the daemon pairs them
     ranked = rank_subtitles(f, subtitle_sidecars(f))
     return ranked[0] if ranked else None
 
@@ -236,6 +245,7 @@ class AnalysisResult:
     cache_hit: bool
     frames_computed: int = 0
     frames_resumed: int = 0
+    frames_salvaged: int = 0  # frames of the plan whose description came from the salvage store
     subtitle: Path | None = None
     dialogue_event_count: int = 0
     stages_run: list[str] = field(default_factory=list)
@@ -255,6 +265,7 @@ class AnalysisResult:
             "cache_hit": self.cache_hit,
             "frames_computed": self.frames_computed,
             "frames_resumed": self.frames_resumed,
+            "frames_salvaged": self.frames_salvaged,
             "subtitle": str(self.subtitle) if self.subtitle else None,
             "results": [
                 {"record": rec.to_dict(), "description": desc.to_dict() if desc is not None else None}
@@ -281,10 +292,24 @@ def _offloads_to_gpu() -> bool:
     return gpu_offload_supported()
 
 
-def _llava_factory(model: Path, mmproj: Path, **kwargs: Any) -> Engine:
+def _llava_factory(model: Path, mmproj: Path, *, parallel: int = 1, **kwargs: Any) -> Engine:
+    if parallel != 1:
+        from cinecut.inference.parallel import ParallelLlavaEngine
+
+        return ParallelLlavaEngine(model, mmproj, parallel=parallel, **kwargs)
     from cinecut.inference.engine import LlavaEngine
 
     return LlavaEngine(model, mmproj, **kwargs)
+
+
+def _prefetch(
+    engine: Engine, records: Sequence[KeyframeRecord], salvaged: Mapping[int, SceneDescription]
+) -> None:
+    """Tell an engine that batches frames which ones it will be asked for next, in order (salvaged
+    frames never reach it); a one-at-a-time engine has no use for it."""
+    prefetch = getattr(engine, "prefetch", None)
+    if prefetch is not None:
+        prefetch([Path(r.frame_path) for r in records if frame_key(r.timestamp_s) not in salvaged])
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -299,6 +324,7 @@ def analyze(
     n_gpu_layers: int = -1,
     n_ctx: int = DEFAULT_N_CTX,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    parallel: int = 1,
     vibe: str = DEFAULT_VIBE,
     gpu_lock_path: str | os.PathLike[str] | None = None,
     interactive: bool = True,
@@ -311,6 +337,7 @@ def analyze(
     max_keyframes: int | None = None,
     engine_factory: EngineFactory | None = None,
     sync_policy: SyncPolicy | None = None,
+    take_over: bool = False,
 ) -> AnalysisResult:
     """Run stages 1 to 4 for ``film`` and return its SceneDescriptions.
 
@@ -321,10 +348,20 @@ def analyze(
     to interactive runs between frames. ``should_stop`` is polled between stages and frames; when it
     returns True the run stops with AnalysisStopped after saving its progress. ``max_gap``,
     ``min_spacing`` and ``max_keyframes`` shape a new keyframe plan (see
-    :func:`cinecut.ingest.plan_keyframes`).
+    :func:`cinecut.ingest.plan_keyframes`). A work dir holding a same-stem twin's results raises
+    TwinError unless ``take_over``, which resets it for this film. ``parallel`` frames are described at
+    once in one batch (:mod:`cinecut.inference.parallel`; 0: as many as the free VRAM holds); results
+    are still written, and resumable, in keyframe order.
+
+    The film is resolved with ``realpath``, as upstream resolves it: that spelling is what the checkpoint,
+    cache and stamps record, and it places the work dir where upstream looks for it. Subtitle sidecars
+    are paired by the name the film was given (beside a symlinked film, not beside its target).
     """
     if max_keyframes is not None and max_keyframes < 1:
         raise ValueError("max_keyframes must be at least 1")
+    if not 0 <= parallel <= 64:
+        raise ValueError("parallel must be 0 (chosen from the free memory) to 64")
+    named = Path(os.path.abspath(film))
     f = film_path(film)
     require_file(f)
     sub: Path | None = None
@@ -338,12 +375,15 @@ def analyze(
         probe(f)
     run = _Run(
         film=f,
+        named=named,
+        take_over=take_over,
         wd=wd,
         subtitle=sub,
         explicit_subtitle=explicit,
         model=Path(model) if model else None,
         mmproj=Path(mmproj) if mmproj else None,
-        engine_kwargs={"n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers, "max_tokens": max_tokens},
+        engine_kwargs={"n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers, "max_tokens": max_tokens}
+        | ({"parallel": parallel} if parallel != 1 else {}),
         keep_model_on_yield=n_gpu_layers == 0,
         vibe=vibe,
         gpu_lock_path=Path(gpu_lock_path) if gpu_lock_path else default_gpu_lock_path(),
@@ -379,7 +419,9 @@ def _describe_holder(holder: dict[str, Any] | None) -> str:
 
 @dataclass(slots=True)
 class _Run:
-    film: Path
+    film: Path  # the realpath (upstream's spelling)
+    named: Path  # the film as named by the caller: its sidecars are found beside this name
+    take_over: bool
     wd: WorkDir
     subtitle: Path | None
     explicit_subtitle: bool
@@ -410,9 +452,9 @@ class _Run:
         return "cinecut analyze" if self.interactive else "prewarm"
 
     def execute(self) -> AnalysisResult:
-        self.sidecars = subtitle_sidecars(self.film)
+        self.sidecars = subtitle_sidecars(self.named)
         if not self.explicit_subtitle:
-            ranked = rank_subtitles(self.film, self.sidecars)
+            ranked = rank_subtitles(self.named, self.sidecars)
             self.subtitle = ranked[0] if ranked else None
         self.result = AnalysisResult(
             self.film, self.wd.path, self.wd.cache_path, [], cache_hit=False, subtitle=self.subtitle
@@ -425,7 +467,7 @@ class _Run:
         except OSError as exc:
             raise WorkDirError(f"cannot create the work dir {self.wd.path}: {exc.strerror or exc}") from exc
         try:
-            lock = work_dir_lock(self.wd, purpose=self.purpose, dir_fd=fd)
+            lock = work_dir_lock(self.wd, purpose=self.purpose, dir_fd=fd, announce=True)
             try:
                 self._take_work_dir_lock(lock)
             except safefs.SymlinkRefused as exc:
@@ -488,6 +530,7 @@ class _Run:
 
     def _locked(self, fd: int) -> AnalysisResult:
         assert self.result is not None
+        self._claim(fd)
         rv = revalidate(self.film, self.sidecars, locked_fd=fd)
         self._after_revalidation(rv)
         ckpt = self._checkpoint(fd)
@@ -512,15 +555,39 @@ class _Run:
             self.result.invalidated = list(rv.report.stages_reset)
             self.emit(ProgressEvent(EventKind.INVALIDATED, message="; ".join(rv.reasons)))
 
+    def _claim(self, fd: int) -> None:
+        """Before anything is revalidated or written: a work dir holding a same-stem twin's results is
+        refused (TwinError), or with ``take_over`` reset for this film, never taken silently."""
+        owner = twin_owner_at(fd, self.wd)
+        if owner is None:
+            return
+        if not self.take_over:
+            raise TwinError(str(TwinConflict(str(self.named), owner, str(self.wd.path))))
+        why = f"work dir taken over from {owner}"
+        report = InvalidationReport(str(self.wd.path), ["video"], why)
+        invalidate_at(fd, self.wd, downstream(["video"]), report)
+        remove_partial_at(fd, self.wd.partial_name)
+        save_checkpoint_at(PipelineCheckpoint(source_file=str(self.film), vibe=self.vibe), fd)
+        assert self.result is not None
+        self.result.invalidated = list(report.stages_reset)
+        self.emit(ProgressEvent(EventKind.INVALIDATED, message=why))
+
     def _checkpoint(self, fd: int) -> PipelineCheckpoint:
         """The film's checkpoint; a missing, unreadable or foreign one starts fresh, as upstream does.
 
         Starting fresh also removes the proxy and keyframes left beside it: their origin is unknown
-        (another film with the same stem, a crashed writer), and extraction keeps JPEGs it finds.
+        (another film with the same stem, a crashed writer), and extraction keeps JPEGs it finds. A
+        checkpoint naming this film in another spelling (a symlinked folder, an older abspath record) is
+        this film's: it is kept, and its paths are rewritten in upstream's spelling so upstream keeps it.
         """
         read = read_checkpoint_at(fd)
         old = read.checkpoint
-        if old is not None and old.source_file == str(self.film):
+        if old is not None and same_film_path(old.source_file, self.film):
+            if old.source_file != str(self.film):
+                if same_film_path(old.proxy_path, self.wd.proxy_path):
+                    old.proxy_path = str(self.wd.proxy_path)
+                old.source_file = str(self.film)
+                save_checkpoint_at(old, fd)
             return old
         report = InvalidationReport(str(self.wd.path), ["video"], "fresh checkpoint")
         invalidate_at(fd, self.wd, [STAGE_BY_NAME["proxy"], STAGE_BY_NAME["keyframes"]], report)
@@ -574,7 +641,7 @@ class _Run:
         candidates = (
             [self.subtitle]
             if self.explicit_subtitle and self.subtitle
-            else rank_subtitles(self.film, self.sidecars)
+            else rank_subtitles(self.named, self.sidecars)
         )
         events: list[DialogueEvent] = []
         self.subtitle = None
@@ -768,6 +835,7 @@ class _Run:
                 ckpt.inference_complete, ckpt.cache_hit = True, True
                 self._save(ckpt, fd)
             remove_partial_at(fd, self.wd.partial_name)
+            remove_salvage_at(fd)
             self.result.results, self.result.cache_hit = cached, True
             self.emit(
                 ProgressEvent(
@@ -788,10 +856,12 @@ class _Run:
         # Rebuilt from the current records, so frame paths follow a work dir that was moved.
         results: list[Result] = [(records[i], desc) for i, (_, desc) in enumerate(done)]
         self.result.frames_resumed = len(results)
+        salvaged = self._salvaged(fd, records)
         try:
-            if len(results) < len(records):
+            if any(frame_key(r.timestamp_s) not in salvaged for r in records[len(results) :]):
                 self._check_model_args()
-                self._infer(writer, records, results)
+            if len(results) < len(records):
+                self._infer(writer, records, results, salvaged)
         finally:
             writer.close()
         faults.point("prewarm.before_cache_save")
@@ -800,6 +870,7 @@ class _Run:
         ckpt.inference_complete, ckpt.cache_hit = True, False
         self._save(ckpt, fd)
         remove_partial_at(fd, self.wd.partial_name)
+        remove_salvage_at(fd)  # everything it held for this plan is in the cache now
         self.result.results = results
         self.emit(
             ProgressEvent(
@@ -807,6 +878,29 @@ class _Run:
             )
         )
         self._ran("inference")
+
+    def _salvaged(self, fd: int, records: list[KeyframeRecord]) -> dict[int, SceneDescription]:
+        """Descriptions kept from before a subtitle change, for the frames of this plan, by frame key.
+
+        Only a store of this very video state counts (its stamp is the one taken before reading the
+        film); the frames it covers are appended to the partial results without the model.
+        """
+        store = read_salvage_at(fd)
+        if store is None or not store.usable_for(self.stamp):
+            return {}
+        salvaged = store.for_plan(records)
+        assert self.result is not None
+        self.result.frames_salvaged = len(salvaged)
+        self.emit(
+            ProgressEvent(
+                EventKind.SALVAGED,
+                stage="inference",
+                done=len(salvaged),
+                total=len(records),
+                message=f"salvaged {len(salvaged)} of {len(records)} frames",
+            )
+        )
+        return salvaged
 
     def _reset_after_inference(self, fd: int, ckpt: PipelineCheckpoint) -> None:
         """A miss: whatever was built on earlier descriptions is stale, so reset it through the stage graph.
@@ -835,7 +929,7 @@ class _Run:
     def _discard(self, fd: int) -> FilmChangedError:
         """The film changed under us: reset its stages through the stage graph and say so."""
         now = SourceStamp.maybe(self.film)
-        rv = revalidate(self.film, subtitle_sidecars(self.film), locked_fd=fd)
+        rv = revalidate(self.film, subtitle_sidecars(self.named), locked_fd=fd)
         if now is None:
             remove_partial_at(fd, self.wd.partial_name)
             why = "was removed"
@@ -847,29 +941,48 @@ class _Run:
         )
         return FilmChangedError(f"{self.film} changed during analysis and {why}: results discarded{reset}")
 
-    def _infer(self, writer: PartialWriter, records: list[KeyframeRecord], results: list[Result]) -> None:
+    def _infer(
+        self,
+        writer: PartialWriter,
+        records: list[KeyframeRecord],
+        results: list[Result],
+        salvaged: Mapping[int, SceneDescription] | None = None,
+    ) -> None:
+        """Describe the frames after ``results``, in plan order; salvaged frames never reach the model.
+
+        The GPU is taken and the model loaded at the first frame that needs them, so a plan that the
+        salvage store covers entirely never loads the model.
+        """
+        salvaged = salvaged or {}
         gpu = GpuLock(
             self.gpu_lock_path, purpose=f"{self.purpose} {self.film.name}", interactive=self.interactive
         )
         meter = RateMeter()
         total = len(records)
+        to_compute = sum(1 for r in records[len(results) :] if frame_key(r.timestamp_s) not in salvaged)
         engine: Engine | None = None
         try:
-            self._acquire_gpu(gpu)
-            engine = self._load_engine()
-            meter.start()
             for rec in records[len(results) :]:
                 if self.should_stop():
                     writer.sync()
                     raise AnalysisStopped(
                         f"stopped after {len(results)} of {total} frames", len(results), total
                     )
-                if gpu.should_yield():
-                    engine = self._yield_gpu(gpu, writer, engine, meter, len(results), total)
-                desc = engine.describe(Path(rec.frame_path))
+                desc = salvaged.get(frame_key(rec.timestamp_s))
+                if desc is None:
+                    if engine is None:
+                        self._acquire_gpu(gpu)
+                        engine = self._load_engine()
+                        _prefetch(engine, records[len(results) :], salvaged)
+                        meter.start()
+                    if gpu.should_yield():
+                        engine = self._yield_gpu(gpu, writer, engine, meter, len(results), total)
+                        _prefetch(engine, records[len(results) :], salvaged)
+                    desc = engine.describe(Path(rec.frame_path))
+                    meter.tick()
+                    to_compute -= 1
                 writer.append(rec, desc)
                 results.append((rec, desc))
-                meter.tick()
                 faults.point("prewarm.after_frame")
                 assert self.result is not None
                 self.result.frames_computed = meter.frames
@@ -881,7 +994,7 @@ class _Run:
                         total=total,
                         computed=meter.frames,
                         fps=meter.fps,
-                        eta_s=meter.eta(total - len(results)),
+                        eta_s=meter.eta(to_compute),
                     )
                 )
                 self._check_film()

@@ -26,6 +26,7 @@ class EventKind(enum.StrEnum):
     YIELDED = "yielded"  # the GPU was handed to an interactive run
     RESUMED = "resumed"  # the GPU is ours again
     CACHE_SAVED = "cache_saved"  # count results written to path
+    SALVAGED = "salvaged"  # done of total frames of the plan come from the salvage store (message says so)
 
 
 @dataclass(frozen=True, slots=True)

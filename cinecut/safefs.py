@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final
 
-from cinecut import faults
+from cinecut import faults, keepattrs
 
 #: The temp files :func:`atomic_write` creates: ``tmp`` + 12 hex digits + a dotted suffix ending in ``.tmp``.
 #: Upstream's ``mkstemp`` names (``tmp`` + 8 characters of ``[a-z0-9_]``) never match, so a leftover that
@@ -142,16 +142,17 @@ def atomic_write(dir_fd: int, name: str, data: bytes, *, tmp_suffix: str, durabl
 
     A reader sees the old file or the new one, never a torn one; a crash leaves at most a temp file
     named ``tmp*<tmp_suffix>`` (the upstream naming, so cleanup rules cover both writers). An existing
-    file's permission bits are kept. The target name is replaced even if it is a symlink: rename never
-    follows it, so a planted link is dropped, its target untouched.
+    file keeps its owner, group and mode (``cinecut.keepattrs``: upstream's 0600 files stay readable to
+    whoever ran upstream); a new one gets the umask's mode. The target name is replaced even if it is a
+    symlink: rename never follows it, so a planted link is dropped, its target untouched.
     """
     old = lstat_in(dir_fd, name)
-    mode = stat.S_IMODE(old.st_mode) if old is not None and stat.S_ISREG(old.st_mode) else 0o644
     tmp = f"tmp{secrets.token_hex(6)}{tmp_suffix}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, keepattrs.create_mode(old), dir_fd=dir_fd)
     try:
         try:
-            os.fchmod(fd, mode)
+            keepattrs.apply(fd, name, old, os.fstat(dir_fd))
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)

@@ -26,7 +26,9 @@ from typing import Final
 
 from cinecut import faults, safefs
 from cinecut.checkpoint import CheckpointStatus, read_checkpoint_at, save_checkpoint_at
+from cinecut.inference.salvage import SALVAGE_NAME, salvage_before_removal
 from cinecut.locks import LockBusy, work_dir_lock
+from cinecut.problems import Problem, neutralize_unreadable_checkpoint, unreadable_checkpoint_errno
 from cinecut.workdir import (
     CACHE_TMP_SUFFIX,
     CKPT_TMP_SUFFIX,
@@ -85,7 +87,8 @@ STAGES: Final[tuple[Stage, ...]] = (
         "proxy",
         frozenset({Input.VIDEO}),
         ("proxy_path", "proxy_duration_s"),
-        (_file("{stem}_proxy.mp4"), Artifact(ArtifactKind.TEMP, ".proxy.tmp")),
+        # The salvage store holds descriptions of this video's frames: it is stale exactly when the proxy is.
+        (_file("{stem}_proxy.mp4"), Artifact(ArtifactKind.TEMP, ".proxy.tmp"), _file(SALVAGE_NAME)),
     ),
     Stage("subtitles", frozenset({Input.SUBTITLE, Input.VIDEO}), ("dialogue_event_count",)),
     Stage(
@@ -141,6 +144,10 @@ class InvalidationReport:
     refused: list[str] = field(default_factory=list)
     checkpoint: str = CheckpointStatus.MISSING.value
     errors: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)  # every error above, with path and errno
+    salvaged: int = 0  # descriptions moved to the salvage store before the cache was deleted
+    salvaged_of: int = 0  # frames of the plan they came from
+    salvage_error: str | None = None  # why nothing could be salvaged (the invalidation went on)
 
     @property
     def changed_anything(self) -> bool:
@@ -173,6 +180,7 @@ def invalidate(
         return report
     except safefs.SymlinkRefused:
         report.refused.append(str(wd.path))
+        report.problems.append(Problem(str(wd.path), None, "the work dir is a symlink: refused, not followed"))
         return report
     try:
         lock = None
@@ -185,6 +193,7 @@ def invalidate(
                     lock.acquire(lock_timeout)
             except safefs.SymlinkRefused:
                 report.refused.append(wd.lock_path.name)
+                report.problems.append(Problem(str(wd.lock_path), None, "the lock file is a symlink: refused"))
                 return report
         try:
             invalidate_at(fd, wd, downstream(changed_list), report)
@@ -198,6 +207,7 @@ def invalidate(
 
 def invalidate_at(dir_fd: int, wd: WorkDir, stages: list[Stage], report: InvalidationReport) -> None:
     """The body of :func:`invalidate`, for callers that already opened and locked the work dir."""
+    _salvage(dir_fd, wd, stages, report)
     read = read_checkpoint_at(dir_fd)
     report.checkpoint = read.status.value
     ckpt = read.checkpoint
@@ -215,7 +225,12 @@ def invalidate_at(dir_fd: int, wd: WorkDir, stages: list[Stage], report: Invalid
                 save_checkpoint_at(ckpt, dir_fd)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
+                    # Not ours to rewrite (an owner we cannot keep, a read-only work dir): upstream must
+                    # still not resume the stale stages, so the checkpoint goes aside if it can.
+                    stages = neutralize_unreadable_checkpoint(
+                        dir_fd, wd, stages, report, exc.errno or errno.EIO, "rewrite")
+                    _remove_artifacts(dir_fd, wd, stages, report)
+                    return
                 # A full disk: the stale regenerable files go first (they are what fills it, and a
                 # "complete" stage whose file is gone makes a pipeline fail rather than reuse stale
                 # bytes), then the checkpoint is written again in the room they left.
@@ -226,14 +241,34 @@ def invalidate_at(dir_fd: int, wd: WorkDir, stages: list[Stage], report: Invalid
             report.fields_nulled = nulled
         if "inference" in names and "inference" not in report.stages_reset and "inference_complete" in nulled:
             report.stages_reset.append("inference")
+    elif read.status is CheckpointStatus.UNREADABLE and (err := unreadable_checkpoint_errno(dir_fd)) is not None:
+        # It exists and its owner (upstream) can read it, we cannot: its stages cannot be reset here.
+        stages = neutralize_unreadable_checkpoint(dir_fd, wd, stages, report, err)
     elif read.status is CheckpointStatus.UNREADABLE:
         # We cannot reset stages we cannot read. Upstream either cannot read it either (and starts fresh,
         # regenerating everything) or can (an oversized file): then deleting the proxy or keyframes under
         # stages it believes complete would break its run. Only the cache, which upstream validates by
         # stamp itself, and our partial results go; the rest stays and the report says why.
         report.errors.append(f"checkpoint unreadable ({read.reason}); only the cache was removed")
+        report.problems.append(Problem(str(wd.checkpoint_path), None, f"checkpoint unreadable ({read.reason})",
+                                       "only the cache was removed"))
         stages = [s for s in stages if s.name == "inference"]
     _remove_artifacts(dir_fd, wd, stages, report)
+
+
+def _salvage(dir_fd: int, wd: WorkDir, stages: list[Stage], report: InvalidationReport) -> None:
+    """Before the cache of an unchanged video goes (a subtitle change), keep its descriptions aside.
+
+    Runs first, so nothing is deleted before the store is durable; a failure to write it costs the
+    descriptions, never the invalidation.
+    """
+    names = {s.name for s in stages}
+    if "inference" not in names or "proxy" in names:
+        return
+    try:
+        report.salvaged, report.salvaged_of = salvage_before_removal(dir_fd, wd)
+    except OSError as exc:
+        report.salvage_error = f"{SALVAGE_NAME}: {exc.strerror or exc}"
 
 
 def _remove_artifacts(dir_fd: int, wd: WorkDir, stages: list[Stage], report: InvalidationReport) -> None:
@@ -261,9 +296,12 @@ def _unlink(dir_fd: int, name: str, report: InvalidationReport, prefix: str = ""
         size = safefs.unlink_regular(dir_fd, name)
     except safefs.SymlinkRefused:
         report.refused.append(prefix + name)
+        report.problems.append(Problem(os.path.join(report.work_dir, prefix + name), None,
+                                       "a symlink or special file where a regenerable file belongs: left alone"))
         return
     except OSError as exc:
         report.errors.append(f"{prefix}{name}: {exc.strerror or exc}")
+        report.problems.append(Problem.from_exc(os.path.join(report.work_dir, prefix + name), exc, "left in place"))
         return
     if size is not None:
         report.files_removed.append(prefix + name)
@@ -277,14 +315,19 @@ def _remove_keyframes(dir_fd: int, report: InvalidationReport) -> None:
         return
     if not stat.S_ISDIR(st.st_mode):
         report.refused.append(KEYFRAMES_DIR_NAME)
+        report.problems.append(Problem(os.path.join(report.work_dir, KEYFRAMES_DIR_NAME), None,
+                                       "keyframes is not a directory: left alone"))
         return
     try:
         kfd = safefs.open_subdir(dir_fd, KEYFRAMES_DIR_NAME)
     except safefs.SymlinkRefused:
         report.refused.append(KEYFRAMES_DIR_NAME)
+        report.problems.append(Problem(os.path.join(report.work_dir, KEYFRAMES_DIR_NAME), None,
+                                       "keyframes is a symlink: refused, not followed"))
         return
     except OSError as exc:
         report.errors.append(f"{KEYFRAMES_DIR_NAME}: {exc.strerror or exc}")
+        report.problems.append(Problem.from_exc(os.path.join(report.work_dir, KEYFRAMES_DIR_NAME), exc, "frames left in place"))
         return
     try:
         names = [e.name for e in os.scandir(kfd)]

@@ -54,5 +54,5 @@ class SourceStamp:
 
 
 def film_path(path: str | os.PathLike[str]) -> Path:
-    """Absolute path of a film without resolving symlinks (upstream records ``source_file`` this way)."""
-    return Path(os.path.abspath(path))
+    """A film's path as upstream records it in ``source_file``: its realpath (see :mod:`cinecut.paths`)."""
+    return Path(os.path.realpath(path))

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from cinecut import safefs
+from cinecut.paths import film_identity
 from cinecut.stamp import SourceStamp
 from cinecut.workdir import STAMPS_NAME
 
@@ -97,8 +99,7 @@ def current_stamps(
         stamp = SourceStamp.maybe(sub)
         if stamp is not None:
             subs.append((subtitle_key(Path(sub).name, stem), stamp))
-    src = os.fspath(film)
-    src = src if os.path.isabs(src) else os.path.abspath(src)
+    src = film_identity(film)  # upstream's spelling; a record in another spelling is the same film
     return InputStamps(src, video, tuple(sorted(subs, key=_name)) if subs else (), inode, dev)
 
 
@@ -108,6 +109,59 @@ def subtitle_key(name: str, stem: str) -> str:
     Keyed this way, a film renamed together with its subtitles (Radarr does both) keeps equal stamps.
     """
     return name[len(stem) :] if name.startswith(stem) else name
+
+
+#: Extensions searched when a recorded subtitle is missing under its name (besides the recorded one's).
+_SUBTITLE_EXTENSIONS: Final = frozenset({".srt", ".ass", ".ssa", ".vtt", ".sub"})
+
+
+def subtitles_unchanged(
+    recorded: InputStamps, current: InputStamps, folder: str | os.PathLike[str]
+) -> tuple[bool, str]:
+    """Whether the subtitle *content* the record names is still what the film has; with the reason if not.
+
+    A subtitle is identified by its stamp, not its name: a film renamed before (or without) its
+    subtitles, or subtitles renamed before their film, changes which names pair with the film, not a
+    byte of any input. So a recorded subtitle is unchanged while a file with its stamp is still the
+    film's or still lies in the film's folder under any name; it changed only when no such file is
+    left (edited, replaced or deleted). A subtitle whose stamp the record does not hold is new content
+    the pipeline would read (another language, a first subtitle): the subtitle stages are stale.
+    """
+    if recorded.subtitles == current.subtitles:
+        return True, ""
+    had = {s for _, s in recorded.subtitles}
+    have = {s for _, s in current.subtitles}
+    new = [n for n, s in current.subtitles if s not in had]
+    if new:
+        return False, f"new subtitle content: {', '.join(new)}"
+    missing = [(n, s) for n, s in recorded.subtitles if s not in have]
+    if not missing:
+        return True, ""
+    exts = _SUBTITLE_EXTENSIONS | {os.path.splitext(n)[1].lower() for n, _ in missing}
+    found = _stamps_in_folder(folder, exts, {s.size for _, s in missing})
+    gone = [n for n, s in missing if s not in found]
+    if gone:
+        return False, f"subtitle changed or deleted: {', '.join(gone)}"
+    return True, ""
+
+
+def _stamps_in_folder(folder: str | os.PathLike[str], exts: frozenset[str] | set[str], sizes: set[int]) -> set[SourceStamp]:
+    """Stamps of the subtitle-like files in ``folder`` whose size is one of ``sizes`` (no symlinks)."""
+    out: set[SourceStamp] = set()
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.startswith(".") or os.path.splitext(entry.name)[1].lower() not in exts:
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_size in sizes and stat.S_ISREG(st.st_mode):
+                    out.add(SourceStamp.from_stat(st))
+    except OSError:
+        pass
+    return out
 
 
 def read_stamps_at(dir_fd: int) -> InputStamps | None:

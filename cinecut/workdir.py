@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Final
 
 WORK_DIR_SUFFIX: Final = "_cinecut_work"
+_SUFFIX_BYTES: Final = WORK_DIR_SUFFIX.encode()
 CHECKPOINT_NAME: Final = "pipeline_checkpoint.json"
 TIMESTAMPS_NAME: Final = "keyframe_timestamps.json"
 KEYFRAMES_DIR_NAME: Final = "keyframes"
@@ -38,9 +39,36 @@ def keyframe_name(timestamp_s: float) -> str:
     return f"frame_{int(timestamp_s * 1000):010d}.jpg"
 
 
-def is_work_dir_name(name: str) -> bool:
-    """True for ``<stem>_cinecut_work`` (never scanned for films, never watched)."""
-    return name.endswith(WORK_DIR_SUFFIX) and len(name) > len(WORK_DIR_SUFFIX)
+def is_work_dir_name(name: str | bytes) -> bool:
+    """True for a folder name ``<stem>_cinecut_work`` (never scanned for films, never watched).
+
+    The one definition of a work dir by name, used by discovery, the watchers and the engine alike: the
+    whole name ends with the suffix and has a stem before it. A name that merely contains the suffix
+    (``Gym_cinecut_workout``, ``Best_cinecut_works.mkv``, a film ``Stem_cinecut_work.mkv``) is not one.
+    """
+    suffix = _SUFFIX_BYTES if isinstance(name, bytes) else WORK_DIR_SUFFIX
+    return name.endswith(suffix) and len(name) > len(suffix)  # type: ignore[arg-type]
+
+
+def in_work_dir(path: str | bytes | os.PathLike[str], root: str | bytes | os.PathLike[str] | None = None) -> bool:
+    """True if ``path`` is a work dir or lies inside one: a component of it (below ``root``, when given)
+    is a work-dir name by :func:`is_work_dir_name`. Takes str or bytes paths (inotify reports bytes)."""
+    p = os.fspath(path)
+    suffix = _SUFFIX_BYTES if isinstance(p, bytes) else WORK_DIR_SUFFIX
+    if suffix not in p:  # type: ignore[operator]
+        return False
+    if root is not None:
+        r = os.fspath(root)
+        r = os.fsencode(r) if isinstance(p, bytes) else os.fsdecode(r)
+        sep = b"/" if isinstance(p, bytes) else "/"
+        r = r.rstrip(sep) or sep  # type: ignore[arg-type]
+        if p == r:
+            return False
+        prefix = r if r.endswith(sep) else r + sep  # type: ignore[operator,arg-type]
+        if p.startswith(prefix):  # type: ignore[arg-type]
+            p = p[len(prefix) :]
+    sep = b"/" if isinstance(p, bytes) else "/"
+    return any(is_work_dir_name(part) for part in p.split(sep))  # type: ignore[arg-type]
 
 
 def stem_of_work_dir(name: str) -> str:
@@ -68,8 +96,12 @@ class WorkDir:
 
     @classmethod
     def for_film(cls, film: str | os.PathLike[str]) -> WorkDir:
-        """Work dir beside the film: ``<parent>/<stem>_cinecut_work`` (symlinks in the path are kept)."""
-        f = film if isinstance(film, Path) and film.is_absolute() else Path(os.path.abspath(film))
+        """Upstream's work dir of a film: ``<parent>/<stem>_cinecut_work`` of the film's realpath.
+
+        Upstream's CLI resolves the film with ``realpath`` before deriving it, so a symlinked film file
+        has its work dir beside its target, and every path spelled from here is the one upstream records.
+        """
+        f = Path(os.path.realpath(film))
         return cls(f, f.with_name(f"{f.stem}{WORK_DIR_SUFFIX}"))
 
     @property
@@ -170,6 +202,23 @@ def subtitle_belongs_to(name: str, stem: str, extensions: Iterable[str]) -> bool
         return False
     tags = rest[1:].split(".")
     return 0 < len(tags) <= 3 and all(_SUB_TAG_RE.match(t) for t in tags)
+
+
+def subtitle_stems(name: str, extensions: Iterable[str]) -> list[str]:
+    """Every film stem the file ``name`` is a subtitle sidecar of, by :func:`subtitle_belongs_to`'s rule:
+    the name without its extension and without one to three trailing tags. A folder's sidecars are then
+    indexed by stem once, instead of testing every name against every film (quadratic in a flat folder)."""
+    base, ext = os.path.splitext(name)
+    if ext.lower() not in extensions:
+        return []
+    stems = [base]
+    for _ in range(3):
+        head, dot, tag = base.rpartition(".")
+        if not dot or not _SUB_TAG_RE.match(tag):
+            break
+        stems.append(head)
+        base = head
+    return stems
 
 
 def same_stem_conflicts(films: Iterable[str | os.PathLike[str]]) -> dict[Path, list[Path]]:

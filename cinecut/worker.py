@@ -7,10 +7,12 @@ object per line, flushed at once::
     {"event": "started", "film": ..., "pid": ...}
     {"event": "stage", "stage": "proxy" | "subtitles" | "keyframes" | "inference"}
     {"event": "cache_hit"}
+    {"event": "salvaged", "salvaged": n, "total": m}            n of the plan's m frames kept from before a
+                                                                subtitle change (not described again)
     {"event": "progress", "done": n, "total": m, "fps": x}     at most every 0.5 s, and at the end
     {"event": "yielded"} / {"event": "resumed"}                 the GPU went to an interactive run and back
                                                                 (or was busy before the first frame)
-    {"event": "done", "cache": path, "records": n, "frames_computed": k}
+    {"event": "done", "cache": path, "records": n, "frames_computed": k, "frames_salvaged": s}
     {"event": "error", "reason": "..."}
 
 Nothing else reaches stdout: the real stdout is kept for these lines and file descriptor 1 is pointed
@@ -104,6 +106,9 @@ class _Reporter:
             self.out.emit("stage", stage=ev.stage)
         elif ev.kind is EventKind.CACHE_HIT:
             self.out.emit("cache_hit")
+        elif ev.kind is EventKind.SALVAGED:
+            log.info("%s", ev.message)
+            self.out.emit("salvaged", salvaged=ev.done, total=ev.total)
         elif ev.kind is EventKind.FRAME:
             self.last = ev
             if self.throttle.ready() or ev.done == ev.total:
@@ -155,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-gpu-layers", type=int, default=-1)
     p.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX)
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--parallel", type=int, default=1, help="frames in flight (0: chosen from free VRAM)")
     p.add_argument("--gpu-lock", type=Path, required=True)
     p.add_argument("--vibe", default=DEFAULT_VIBE)
     p.add_argument("--max-gap", type=float, default=DEFAULT_MAX_GAP_S, help="keyframe plan: longest gap (s)")
@@ -190,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_gpu_layers=args.n_gpu_layers,
             n_ctx=args.n_ctx,
             max_tokens=args.max_tokens,
+            parallel=args.parallel,
             vibe=args.vibe,
             gpu_lock_path=args.gpu_lock,
             interactive=False,
@@ -217,7 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     reporter.flush_progress()
     out.emit(
-        "done", cache=str(result.cache_path), records=result.records, frames_computed=result.frames_computed
+        "done",
+        cache=str(result.cache_path),
+        records=result.records,
+        frames_computed=result.frames_computed,
+        frames_salvaged=result.frames_salvaged,
     )
     return EXIT_DONE
 

@@ -40,13 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cinecut import safefs
 from cinecut.checkpoint import PipelineCheckpoint, read_checkpoint, save_checkpoint
 from cinecut.inference.cache import read_cache_metadata, save_cache
 from cinecut.inference.models import SceneDescription
 from cinecut.models import KeyframeRecord
 from cinecut.revalidate import revalidate
 from cinecut.stamp import SourceStamp
-from cinecut.stamps import InputStamps, current_stamps, read_stamps
+from cinecut.stamps import InputStamps, current_stamps, read_stamps, write_stamps_at
 from cinecut.workdir import (
     ASSEMBLY_MANIFEST_NAME,
     TRAILER_MANIFEST_NAME,
@@ -482,7 +483,7 @@ def make_film(
 def build_work_dir(film: Film, *, frames: int = 6, vibe: str = "action", record_stamps: bool = True) -> WorkDir:
     """Leave the work dir a finished pipeline run leaves: checkpoint with every stage complete, a cache
     saved with the core's ``save_cache``, proxy, keyframes, timestamps, manifests, later-stage output and
-    an unknown file; then (``record_stamps``) one revalidation records our stamps sidecar."""
+    an unknown file; then (``record_stamps``) the stamps sidecar our pipeline's commit mark records."""
     wd = film.wd
     kdir = wd.keyframes_dir
     kdir.mkdir(parents=True, exist_ok=True)
@@ -524,6 +525,8 @@ def build_work_dir(film: Film, *, frames: int = 6, vibe: str = "action", record_
     if record_stamps:
         res = revalidate(film.path, film.subtitles)
         assert res.report is None or not res.report.changed_anything, res.report
+        with safefs.work_dir_fd(wd.path) as fd:
+            write_stamps_at(fd, current_stamps(film.path, list(film.subtitles)))
     return wd
 
 
@@ -832,7 +835,7 @@ def lock_held(work_dir: Path, purpose: str = "pipeline") -> Iterator[subprocess.
     code = (
         "import sys\n"
         "from cinecut.locks import work_dir_lock\n"
-        f"lock = work_dir_lock({str(work_dir)!r}, purpose={purpose!r})\n"
+        f"lock = work_dir_lock({str(work_dir)!r}, purpose={purpose!r}, announce=True)\n"
         "lock.acquire(5)\n"
         "print('locked', flush=True)\n"
         "sys.stdin.read()\n"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import upstream_reader as up
+from sigint import default_sigint
 from test_pipeline import analyzed_film, clone_film_dir, copy_film, partial_count, ready_for_inference_film
 
 from cinecut import __version__
@@ -47,6 +48,7 @@ def popen(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Po
         stderr=subprocess.PIPE,
         text=True,
         env=env or _env(),
+        preexec_fn=default_sigint,  # Ctrl-C reaches it even when the suite runs in the background
     )
 
 
@@ -165,7 +167,7 @@ def test_errors_exit_with_distinct_codes_and_clear_messages(
 
 
 def test_a_held_work_dir_is_waited_for_or_refused_with_no_wait(cached: Path, tmp_path: Path) -> None:
-    lock = work_dir_lock(WorkDir.for_film(cached), purpose="prewarm")
+    lock = work_dir_lock(WorkDir.for_film(cached), purpose="prewarm", announce=True)
     assert lock.try_acquire()
     try:
         p = cinecut("analyze", cached, "--gpu-lock", tmp_path / "gpu.lock", "--no-wait")

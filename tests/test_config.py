@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -180,7 +181,25 @@ ERRORS = [
      'library[1].path: "/srv/films/new" is inside library[0].path "/srv/films"'),
     (LIB + '[[library]]\npath = "/srv"\n', 'library[1].path: "/srv" contains library[0].path "/srv/films"'),
     (LIB + "poll_interval = 10\n", 'library[0].poll_interval: only applies when watch = "poll"'),
-    (LIB + 'watch = "poll"\npoll_interval = 0\n', "library[0].poll_interval: must be > 0, got 0"),
+    (LIB + 'watch = "poll"\npoll_interval = 0\n', "library[0].poll_interval: must be >= 0.1, got 0"),
+    (LIB + 'watch = "poll"\npoll_interval = 1e300\n', "library[0].poll_interval: must be <= 86400, got 1e+300"),
+    ('[[library]]\npath = "//"\n', 'library[0].path: must not be "/" (a library root is a folder of films)'),
+    ('[[library]]\npath = "//srv/.."\n', 'library[0].path: must not be "/" (a library root is a folder of films)'),
+    (LIB + '[[library]]\npath = "//srv/films"\n', 'library[1].path: "/srv/films" is already library[0].path'),
+    (LIB + '[[library]]\npath = "//srv/films/sub"\n',
+     'library[1].path: "/srv/films/sub" is inside library[0].path "/srv/films"'),
+    ('[[library]]\npath = "//srv/films/sub"\n' + LIB,
+     'library[1].path: "/srv/films" contains library[0].path "/srv/films/sub"'),
+    ("[daemon]\nrescan_interval = 0.5\n" + LIB, "daemon.rescan_interval: must be 0 (off) or at least 1, got 0.5"),
+    ("[daemon]\nrescan_interval = 1e12\n" + LIB, "daemon.rescan_interval: must be <= 604800, got 1000000000000.0"),
+    ("[daemon]\nsettle_seconds = 1e300\n" + LIB, "daemon.settle_seconds: must be <= 3600, got 1e+300"),
+    ("[daemon]\norphan_grace_days = 1e300\n" + LIB, "daemon.orphan_grace_days: must be <= 3650, got 1e+300"),
+    (LIB + "[control]\nrequest_timeout = 2592000\n", "control.request_timeout: must be <= 3600, got 2592000"),
+    (LIB + "[prewarm]\nsettle_seconds = 1e300\n", "prewarm.settle_seconds: must be <= 604800, got 1e+300"),
+    (LIB + "[prewarm]\nn_gpu_layers = 4294967296\n",
+     "prewarm.n_gpu_layers: must be between -1 and 100000, got 4294967296"),
+    (LIB + "[prewarm]\nmin_free_vram_mb = 9223372036854775808\n",
+     "prewarm.min_free_vram_mb: must be between 0 and 16777216, got 9223372036854775808"),
     (LIB + 'watch = "poll"\npoll_interval = "30"\n', 'library[0].poll_interval: must be a number, got "30"'),
     (LIB + 'video_extensions = "mkv"\n',
      'library[0].video_extensions: must be an array of strings like [".mkv"], got "mkv"'),
@@ -212,7 +231,7 @@ ERRORS = [
      'control.mode: must be an octal permission string like "0660" (or 0o660), got 660'),
     (LIB + '[control]\nmode = "0060"\n', "control.mode: must give the owner read and write access, got 0060"),
     (LIB + '[control]\ngroup = "bad group"\n', 'control.group: must be a group name, got "bad group"'),
-    (LIB + "[control]\nrequest_timeout = 0\n", "control.request_timeout: must be > 0, got 0"),
+    (LIB + "[control]\nrequest_timeout = 0\n", "control.request_timeout: must be >= 0.1, got 0"),
     (LIB + "[control]\nmax_request_bytes = 10\n", "control.max_request_bytes: must be between 256 and 16777216, "
                                                   "got 10"),
     (LIB + "[control]\nmax_request_bytes = 1.5\n", "control.max_request_bytes: must be an integer, got 1.5"),
@@ -228,12 +247,12 @@ ERRORS = [
      'prewarm.window: must be "HH:MM-HH:MM" (local time) or "always", got "night"'),
     (LIB + "[prewarm]\nwindow = 1\n",
      'prewarm.window: must be a string like "01:00-06:00" or "always", got 1'),
-    (LIB + "[prewarm]\nn_gpu_layers = -2\n", "prewarm.n_gpu_layers: must be >= -1, got -2"),
+    (LIB + "[prewarm]\nn_gpu_layers = -2\n", "prewarm.n_gpu_layers: must be between -1 and 100000, got -2"),
     (LIB + "[prewarm]\nn_ctx = 100\n", "prewarm.n_ctx: must be between 512 and 1048576, got 100"),
     (LIB + "[prewarm]\nmax_tokens = 0\n", "prewarm.max_tokens: must be between 16 and 65536, got 0"),
     (LIB + "[prewarm]\nsettle_seconds = -1\n", "prewarm.settle_seconds: must be >= 0, got -1"),
     (LIB + '[prewarm]\ngpu_lock = "gpu.lock"\n', 'prewarm.gpu_lock: must be an absolute path, got "gpu.lock"'),
-    (LIB + "[prewarm]\nmin_free_vram_mb = -5\n", "prewarm.min_free_vram_mb: must be >= 0, got -5"),
+    (LIB + "[prewarm]\nmin_free_vram_mb = -5\n", "prewarm.min_free_vram_mb: must be between 0 and 16777216, got -5"),
     (LIB + '[prewarm]\nvibe = "a/b"\n',
      'prewarm.vibe: must be a plain word without slashes or control characters, got "a/b"'),
     (LIB + '[prewarm]\npython = "python3"\n', 'prewarm.python: must be an absolute path, got "python3"'),
@@ -406,3 +425,31 @@ def test_toml_of_the_example_is_plain_toml() -> None:
     # The example must stay loadable by any TOML reader (it is shipped as /etc/cinecut/cinecutd.toml).
     with open(REPO / "packaging" / "cinecutd.toml", "rb") as f:
         assert tomllib.load(f)["library"][0]["path"] == "/srv/media/films"
+
+
+def test_roots_are_normalised_and_resolved_before_the_overlap_check(tmp_path: Path) -> None:
+    """"//x", "/x/." and a symlink to /x name one root: as a root each is its realpath, and two spellings of
+    one folder (or of a folder and its subfolder) are refused, like "/" behind any spelling."""
+    films = tmp_path / "films"
+    (films / "sub").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(films)
+    slash = tmp_path / "slash"
+    slash.symlink_to("/")
+    cfg = tmp_path / "c.toml"
+
+    def load(*paths: str):
+        cfg.write_text("".join(f'[[library]]\npath = "{p}"\n' for p in paths))
+        return load_config(cfg)
+
+    assert load("/" + str(films)).libraries[0].path == films
+    assert load(str(link)).libraries[0].path == films
+    assert load(f"{films}/./sub/").libraries[0].path == films / "sub"
+    for paths, why in [((str(films), "/" + str(films)), "is already library[0].path"),
+                       ((str(films), str(link)), "is already library[0].path"),
+                       ((str(films), "/" + str(films / "sub")), "is inside library[0].path"),
+                       ((str(link / "sub"), str(films)), "contains library[0].path"),
+                       ((str(slash),), 'must not be "/"'),
+                       (("//",), 'must not be "/"')]:
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            load(*paths)

@@ -19,7 +19,7 @@ from cinecut.safefs import SymlinkRefused
 HOLD_WORK_DIR = """
 import sys, time
 from cinecut.locks import work_dir_lock
-lock = work_dir_lock(sys.argv[1], purpose="pipeline analyze")
+lock = work_dir_lock(sys.argv[1], purpose="pipeline analyze", announce=True)
 lock.acquire(float(sys.argv[2]) if len(sys.argv) > 2 else None)
 print("locked", time.monotonic(), flush=True)
 time.sleep(60)
@@ -110,9 +110,16 @@ def test_second_process_try_fails_timeout_waits_then_lock_freed_by_sigkill(
     waiter.wait()
     assert is_work_dir_locked(wd) is False
     assert lock.try_acquire() is True
-    assert json.loads((wd / "cinecut.lock").read_text())["pid"] == os.getpid()
+    assert (wd / "cinecut.lock").read_bytes() == b""  # the lock file is never written
+    assert lock.holder() is None  # the daemon's brief holds do not announce themselves
     lock.release()
     assert (wd / "cinecut.lock").exists()  # the file stays: deleting it would race with other openers
+    announced = work_dir_lock(wd, purpose="pipeline analyze", announce=True)
+    assert announced.try_acquire()
+    assert json.loads((wd / "cinecut.lock.holder").read_text())["pid"] == os.getpid()
+    assert work_dir_lock(wd, purpose="probe").holder() == announced.holder() != None  # noqa: E711
+    announced.release()
+    assert not (wd / "cinecut.lock.holder").exists() and (wd / "cinecut.lock").read_bytes() == b""
 
 
 def test_same_process_second_open_also_conflicts(wd: Path) -> None:

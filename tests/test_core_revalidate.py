@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import upstream_reader as up
 
+from cinecut import safefs
 from cinecut.checkpoint import read_checkpoint
 from cinecut.inference.cache import load_cache
 from cinecut.locks import LockBusy, work_dir_lock
 from cinecut.revalidate import revalidate
 from cinecut.stamp import SourceStamp
-from cinecut.stamps import read_stamps
+from cinecut.stamps import current_stamps, read_stamps, write_stamps_at
 from cinecut.workdir import WorkDir, subtitle_sidecars
 
 PAST = 1_600_000_000.25
@@ -54,16 +55,25 @@ def completed(film: Path) -> list[str]:
     return ckpt.stages_complete
 
 
-def test_first_sight_of_a_valid_work_dir_changes_nothing_and_records_stamps(film: Path) -> None:
+def record(film: Path) -> None:
+    """Our sidecar, as our pipeline's commit mark writes it after computing the stages."""
+    with safefs.work_dir_fd(WorkDir.for_film(film).path) as fd:
+        write_stamps_at(fd, current_stamps(film, subtitle_sidecars(film)))
+
+
+def test_first_sight_of_a_valid_work_dir_changes_and_writes_nothing(film: Path) -> None:
+    """Upstream's cache proves its stages; nothing changed, so nothing is written, not even a lock file."""
     wd = WorkDir.for_film(film)
+    names = sorted(p.name for p in wd.path.rglob("*"))
     before = tree(wd.path)
     r = check(film)
     assert r.exists and r.film_present and r.changed == [] and r.report is None
     assert r.cache is not None and r.cache.stamp == SourceStamp.of(film)
-    assert tree(wd.path).items() >= before.items()  # nothing changed; only our sidecar was added
-    stamps = read_stamps(wd.path)
-    assert stamps is not None and stamps.video == SourceStamp.of(film) and len(stamps.subtitles) == 1
+    assert r.verification == "cache"
+    assert tree(wd.path) == before and sorted(p.name for p in wd.path.rglob("*")) == names
+    assert read_stamps(wd.path) is None and not wd.lock_path.exists()
     assert load_cache(film, wd.path) is not None
+    record(film)
     again = tree(wd.path)
     assert check(film).changed == []
     assert tree(wd.path) == again  # a verified, unchanged work dir is not rewritten at all
@@ -98,7 +108,7 @@ def test_subtitle_edits_reset_subtitle_stages_but_keep_the_proxy(film: Path, edi
     srt = film.with_name("Heat (1995).en.srt")
     if edit == "added":
         srt.unlink()
-    check(film)
+    record(film)
     if edit == "added":
         srt.write_text("1\n00:00:01,000 --> 00:00:02,000\nNew.\n")
     elif edit == "changed":
@@ -133,10 +143,15 @@ def test_first_sight_with_proxy_older_than_film(film: Path) -> None:
     assert not wd.proxy_path.exists() and completed(film) == []
 
 
-def test_first_sight_with_proxy_newer_than_film_is_trusted(film: Path) -> None:
-    WorkDir.for_film(film).cache_path.unlink()
+def test_first_sight_with_proxy_newer_than_film_is_unverified_not_certified(film: Path) -> None:
+    """No cache, no record, and a proxy ffprobe cannot compare: reported, neither certified nor deleted."""
+    wd = WorkDir.for_film(film)
+    wd.cache_path.unlink()
+    before = tree(wd.path)
     r = check(film)
     assert r.changed == [] and "proxy" in completed(film)
+    assert r.verification == "unverified" and r.evidence
+    assert tree(wd.path) == before and read_stamps(wd.path) is None and not wd.lock_path.exists()
 
 
 def test_vanished_film_is_reported_never_invalidated(film: Path) -> None:

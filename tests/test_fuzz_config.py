@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,86 @@ def test_cinecutd_run_on_a_mutant_exits_78_with_one_line(tmp_path: Path, seed: i
     assert proc.returncode == 78, proc.stderr
     assert proc.stderr.startswith(f"cinecutd: {path}: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+# --------------------------------------------------------------------------------- numbers at their bounds
+
+#: Candidate values, from absurd to tiny: each numeric key's bounds are the extreme ones it accepts.
+NUMERIC_PROBES = (-1e300, -(2**63), -2, -1, 0, 1e-300, 1e-9, 0.05, 0.1, 0.5, 1, 16, 256, 512, 3600, 3650, 86400,
+                  100_000, 604800, 2592000, 1 << 20, 16 << 20, 1 << 24, 2**31 - 1, 2**31, 2**53, 1e12, 2**63, 1e300)
+NUMERIC_KEYS = [(table, key) for table, keys in TABLES.items() for key in keys
+                if isinstance(key.default, int | float) and not isinstance(key.default, bool)]
+
+
+def _accepted(key, value: float) -> bool:
+    try:
+        key.check(value)
+    except Exception:  # the checker's refusal type is private
+        return False
+    return True
+
+
+def _bounds(key) -> tuple[float, float]:
+    ok = [v for v in NUMERIC_PROBES if _accepted(key, v)]
+    assert ok, f"{key.name}: no probe accepted"
+    return min(ok), max(ok)
+
+
+def test_every_accepted_duration_fits_the_waits_that_consume_it() -> None:
+    """Selectors take milliseconds in a C int, threading waits at most TIMEOUT_MAX, llama.cpp a C int."""
+    import threading
+
+    epoll_max_s = (2**31 - 1) / 1000
+    for table, key in NUMERIC_KEYS:
+        low, high = _bounds(key)
+        assert -1 <= low and high <= 2**31 - 1, f"{table}.{key.name} accepts [{low}, {high}]"
+        if any(w in key.name for w in ("interval", "seconds", "timeout")):  # handed to waits and timers
+            assert high <= min(epoll_max_s, threading.TIMEOUT_MAX), f"{table}.{key.name} accepts {high}"
+
+
+def _extreme_config(lib: Path, polled: Path, model: Path, socket: Path, state: Path, pick: int) -> str:
+    values = {(t, k.name): _bounds(k)[pick] for t, k in NUMERIC_KEYS}
+    d = {name: v for (t, name), v in values.items() if t == "daemon"}
+    c = {name: v for (t, name), v in values.items() if t == "control"}
+    p = {name: v for (t, name), v in values.items() if t == "prewarm"}
+    hour = (datetime.now().hour + 12) % 24  # the minima's pre-warm window stays shut: no worker runs
+    window = "always" if pick else f"{hour:02d}:00-{hour:02d}:01"
+    lines = ["[daemon]", 'log_format = "json"', 'orphans = "reclaim"', f"state_dir = {json.dumps(str(state))}",
+             *(f"{k} = {v!r}" for k, v in d.items()),
+             "", "[[library]]", f"path = {json.dumps(str(lib))}",
+             "", "[[library]]", f"path = {json.dumps(str(polled))}", 'watch = "poll"',
+             f"poll_interval = {values[('library', 'poll_interval')]!r}",
+             "", "[control]", f"socket = {json.dumps(str(socket))}", *(f"{k} = {v!r}" for k, v in c.items()),
+             "", "[prewarm]", "enabled = true", f"window = {json.dumps(window)}", f"model = {json.dumps(str(model))}",
+             f"mmproj = {json.dumps(str(model))}", *(f"{k} = {v!r}" for k, v in p.items())]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("pick", [0, 1], ids=["minima", "maxima"])
+def test_the_daemon_runs_with_every_number_at_its_bound(tmp_path: Path, pick: int) -> None:
+    """Any accepted config runs: with every numeric key at its smallest (or largest) accepted value the
+    daemon becomes ready, answers status again after its timers, polls and rescans have run, and no thread
+    died (Python reports a dying thread on stderr, which the harness keeps in the log)."""
+    from daemon_harness import DaemonRunner, make_film, stays, wait_for
+
+    with DaemonRunner(tmp_path) as runner:
+        lib, polled = runner.library("films"), runner.library("nas")
+        make_film(lib / "Heat", "Heat")
+        make_film(polled / "Ran", "Ran")
+        model = runner.base / "model.gguf"
+        model.write_bytes(b"GGUF" + bytes(64))
+        cfg = runner.base / "cinecutd.toml"
+        cfg.write_text(_extreme_config(lib, polled, model, runner.socket, runner.base / "state", pick))
+        load_config(cfg)  # accepted, by construction
+        d = runner.daemon(cfg).start()
+        first = d.status()
+        added = make_film(polled / "Later", "Later")
+        if pick == 0:  # polled every 0.1 s, rescanned every second: both loops must keep running
+            wait_for(lambda: any(f["film"] == str(added.path) for f in d.status().get("films_list", []))
+                     or d.status()["films"]["total"] > first["films"]["total"], what="the poll saw a new film")
+        else:  # the threads sit in their (long) first wait: they must stay alive in it
+            assert stays(lambda: d.running and "Exception in thread" not in d.log_text(), 1.0)
+        assert d.status()["films"]["total"] >= 2
+        assert d.running
+        log = d.log_text()
+        assert "Exception in thread" not in log and "Traceback" not in log, log[-3000:]

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import (
+    ALL_STAGES,
     DaemonRunner,
     Library,
     make_film_with_work_dir,
     warm,
+    work_state,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -143,13 +145,16 @@ def test_hostile_shapes_and_file_types(wd: tuple[Path, int], tmp_path: Path) -> 
 @pytest.mark.parametrize("garbage", [b"", b"null", b"{", b'{"format": 2}', b"\x00" * 64,
                                      json.dumps({**VALID, "video": {"mtime": "soon", "size": -1}}).encode()])
 def test_a_corrupt_sidecar_never_costs_valid_results(tmp_path: Path, garbage: bytes) -> None:
-    """With the sidecar unreadable, revalidation falls back to the cache's own stamp: a warm work dir stays
-    warm and gets a fresh sidecar; a replaced film is still caught."""
+    """With the sidecar unreadable, revalidation falls back to the cache's own stamp: a warm work dir keeps
+    every result (and nothing is written: the cache proves them, nothing changed); a replaced film is
+    still caught, and the invalidation is recorded."""
     film = make_film_with_work_dir(tmp_path / "Heat", "Heat")
     (film.wd.path / STAMPS_NAME).write_bytes(garbage)
     res = revalidate(film.path, film.subtitles)
     assert res.report is None or not res.report.changed_anything
-    assert warm(film)
+    s = work_state(film)
+    assert s.cache_valid and s.stages == tuple(ALL_STAGES) and s.proxy and s.keyframes > 0
+    assert res.verification == "cache"
     (film.wd.path / STAMPS_NAME).write_bytes(garbage)
     film.path.write_bytes(b"another film" * 100)
     res = revalidate(film.path, film.subtitles)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sigint import sigint_raises
 
 from cinecut.ingest import FFmpegMissingError, MediaError, probe
 from cinecut.ingest.ffmpeg import INSTALL_HINT, ProcessSet, run_tool, stderr_tail
@@ -73,12 +74,13 @@ def test_timeout_kills_the_child():
 
 def test_keyboard_interrupt_kills_the_child():
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_tool("ffmpeg", ENDLESS, what="endless", timeout=20)
-    finally:
-        timer.cancel()
+    with sigint_raises():  # also when the suite was started with SIGINT ignored
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run_tool("ffmpeg", ENDLESS, what="endless", timeout=20)
+        finally:
+            timer.cancel()
     assert _ffmpeg_children() == []
 
 

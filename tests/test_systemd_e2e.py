@@ -408,3 +408,101 @@ def test_hardened_unit_runs_llava_inference(sandbox: Sandbox, tiny_llava, tmp_pa
         assert out["description"] and all(out["description"].values()), out
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+ALICE = 4321  # the library owner: a uid the host does not use, the same inside the sandbox and out
+
+
+def _as_alice(fn: Callable[..., T], *args: Any) -> T:
+    from upstream_user import run_as
+
+    return run_as(ALICE, ALICE, fn, *args)
+
+
+def _upstream_run(film: Path) -> Path:
+    """CineCut run by the library's owner: upstream's own writers, mkstemp + os.replace, umask 022."""
+    import upstream_reader
+
+    return _as_alice(upstream_reader.run_pipeline, film)
+
+
+def test_upstream_files_of_the_library_owner(sandbox: Sandbox, library: Library, deb_package: Path,
+                                             tmp_path: Path):
+    """Installed as the README says (`systemd-dropin --run-as` the library's owner), the service reads,
+    resets and rewrites upstream's 0600 files, keeping owner, group and mode. Misconfigured (the service
+    as its own user), the film is blocked with the reason and remedy, `status --check` fails, and when
+    permissions change the retry makes the old film's artifacts unusable to upstream."""
+    import upstream_reader
+    from upstream_user import chown_tree, upstream_resume_reuses
+
+    sb, lib = sandbox, library
+    os.chmod(lib.base, 0o755)
+    film = lib.root1 / "Heat (1995)" / "Heat (1995).mkv"
+    film.parent.mkdir()
+    film.write_bytes(os.urandom(4096))
+    chown_tree(lib.root1, ALICE, ALICE)
+    wd = _upstream_run(film)
+    ckpt, cache = wd / "pipeline_checkpoint.json", wd / "Heat (1995).scenedesc.msgpack"
+    for p, mode in ((ckpt, 0o600), (cache, 0o600), (wd, 0o755), (wd / "keyframes", 0o755)):
+        st = os.stat(p)
+        assert (st.st_uid, st.st_mode & 0o7777) == (ALICE, mode), p
+
+    sb.overlay("/usr")
+    sb.overlay("/opt")
+    sb.sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {deb_package}",
+          timeout=180)
+    sb.run("groupadd", "-g", str(ALICE), "alice")
+    sb.run("useradd", "-M", "-N", "-u", str(ALICE), "-g", str(ALICE), "alice")
+    conf = lib.config(tmp_path / "one.toml", lib.root1)
+    sb.install_file(conf, CONFIG)
+
+    # --- as the README says: the service runs as the account that runs CineCut ----------------
+    sb.run("cinecutd", "systemd-dropin", "--run-as", "alice", "--write")
+    sb.run("systemctl", "daemon-reload")
+    sb.run("systemctl", "enable", "--now", UNIT, timeout=120)
+    pid = sb.show("MainPID")["MainPID"]
+    fields = dict(line.split(":", 1) for line in sb.run("cat", f"/proc/{pid}/status").stdout.splitlines())
+    # no private user namespace: the owner's groups are real, so a rewritten file's group can be kept
+    assert sb.run("cat", f"/proc/{pid}/gid_map").stdout.split() == ["0", "0", "4294967295"]
+    assert fields["Uid"].split()[0] == str(ALICE) and int(fields["CapEff"], 16) == 0
+    assert str(ALICE) in fields["Groups"].split(), (fields["Groups"], sb.run("systemctl", "cat", UNIT).stdout)
+    st = sb.status_json()
+    assert (st["films"]["total"], st["films"]["warm"], st["films"]["blocked"]) == (1, 1, 0), st["films"]
+    assert sb.run("cinecutd", "status", "--check", "--socket", SOCK, check=False).returncode == 0
+
+    lib.replace(film)
+    wait_for("EVENT=invalidated for Heat", lambda: sb.journal("EVENT=invalidated", f"FILM={film}"))
+    after = os.stat(ckpt)
+    assert (after.st_uid, after.st_gid, after.st_mode & 0o7777) == (ALICE, ALICE, 0o600)
+    assert "proxy" not in _as_alice(upstream_reader.load_checkpoint_strict, wd).stages_complete
+    assert _as_alice(upstream_resume_reuses, wd) == [] and not cache.exists()
+    assert os.stat(wd / "cinecut_stamps.json").st_uid == ALICE  # new files belong to the owner too
+    assert not sb.journal("EVENT=blocked")
+
+    # --- misconfigured: the service as its own user cannot read alice's 0600 files -----------
+    wd = _upstream_run(film)  # alice runs CineCut again: a complete work dir of this film
+    sb.run("cinecutd", "systemd-dropin", "--write")
+    sb.run("systemctl", "daemon-reload")
+    sb.run("systemctl", "restart", UNIT, timeout=120)
+    wait_for("the film shown as blocked", lambda: sb.status_json()["films"]["blocked"] == 1)
+    r = sb.run("cinecutd", "status", "--check", "--socket", SOCK, check=False)
+    assert r.returncode == 6 and "blocked: " in r.stdout and "--run-as alice" in r.stdout, r.stdout
+    text = sb.run("cinecutd", "status", "--socket", SOCK, str(film)).stdout
+    assert "blocked: " in text and "unknown (checkpoint unreadable" in text
+    (warn,) = [e for e in sb.journal("EVENT=blocked") if e.get("PATH") == str(ckpt)][-1:]
+    assert warn["PRIORITY"] == "4" and warn["ERRNO"] == "EACCES" and "--run-as alice" in warn["REMEDY"]
+
+    lib.replace(film)  # replaced while blocked: nothing can be reset, the film stays blocked
+    time.sleep(0.5)
+    assert sb.status_json()["films"]["blocked"] == 1
+    # the admin opens the work dir to the service (files stay alice's 0600): the retry moves the
+    # checkpoint aside and deletes the old film's proxy, frames and timestamps, without a restart
+    for d in (wd, wd / "keyframes"):
+        os.chmod(d, 0o777)
+    wait_for("the retry to neutralise the stale stages", lambda: not ckpt.exists(), timeout=90)
+    assert (wd / "pipeline_checkpoint.stale.json").exists()
+    assert _as_alice(upstream_resume_reuses, wd) == [] and not cache.exists()
+    wait_for("the film unblocked", lambda: sb.status_json()["films"]["blocked"] == 0, timeout=90)
+    assert sb.run("cinecutd", "status", "--check", "--socket", SOCK, check=False).returncode == 0
+    aside = [e for e in sb.journal("EVENT=blocked") if e.get("PATH") == str(ckpt) and "aside" in e.get("ACTION", "")]
+    assert aside and aside[-1]["ERRNO"] == "EACCES"

@@ -144,6 +144,40 @@ def test_the_score_is_sensitive_to_hardening(tmp_path):
     assert exposure(tmp_path) > MAX_EXPOSURE
 
 
+@needs_analyze
+def test_exposure_with_the_run_as_dropin_stays_at_most_1_5(tmp_path):
+    """The documented install runs the service as the library owner (``systemd-dropin --run-as``): that
+    drop-in (User=, SupplementaryGroups=, PrivateUsers=no) is scored merged into the unit, since
+    offline analysis reads one file; it adds no capability."""
+    from cinecutd.dropin import RunAs
+
+    dropin = render_dropin(["/srv/media/films"], run_as=RunAs("alice", "alice"))
+    (tmp_path / UNIT.name).write_text(UNIT.read_text() + "\n" + dropin)
+    score = exposure(tmp_path)
+    print(f"systemd-analyze security --offline=yes, with the run-as drop-in: {score}")
+    assert score <= MAX_EXPOSURE
+    assert ("Service", "CapabilityBoundingSet", "") in directives(UNIT.read_text())
+    assert not any(d[1].endswith("Capabilities") and d[2] for d in directives(dropin))
+
+
+def test_run_as_dropin_runs_as_the_owner_and_keeps_the_socket_group():
+    from cinecutd.dropin import RunAs
+
+    entries = [d[1:] for d in directives(render_dropin(["/srv/films"], run_as=RunAs("alice", "users")))
+               if d[0] == "Service"]
+    assert ("User", "alice") in entries and ("SupplementaryGroups", "users") in entries
+    assert ("PrivateUsers", "no") in entries and not any(k == "Group" for k, _ in entries)
+
+
+def test_run_as_refuses_root_and_unknown_users():
+    from cinecutd.dropin import run_as_user
+
+    with pytest.raises(DropinError, match="never needs root"):
+        run_as_user("root")
+    with pytest.raises(DropinError, match="no such user"):
+        run_as_user("no-such-user-cinecut-test")
+
+
 # --- sysusers.d / tmpfiles.d ------------------------------------------------------------------
 
 @needs_analyze

@@ -26,6 +26,7 @@ from cinecut import safefs
 from cinecut.checkpoint import ensure_work_dir
 from cinecut.inference.models import SceneDescription
 from cinecut.models import KeyframeRecord
+from cinecut.paths import film_identity
 from cinecut.stamp import SourceStamp
 from cinecut.workdir import CACHE_TMP_SUFFIX, WorkDir, as_work_dir
 
@@ -102,7 +103,7 @@ def save_cache(
     that read the film for a long time pass the stamp they started from and re-check it.
     """
     wd = as_work_dir(work_dir, source_file)
-    src = os.path.abspath(source_file)
+    src = film_identity(source_file)  # upstream's spelling: the realpath its CLI resolved
     st = stamp if stamp is not None else SourceStamp.of(src)
     data = encode_cache(results, src, st)
     ensure_work_dir(wd)
@@ -202,12 +203,13 @@ def load_cache(
 ) -> list[Result] | None:
     """The cached results if the cache matches the film's current ``mtime`` and ``size``; else None.
 
-    None covers a miss, a stale cache, a corrupt or hostile file and an unreadable film. Never raises.
+    None covers a miss, a stale cache, a corrupt or hostile file and an unreadable film. Never raises
+    (upstream's ``load_cache`` turns every exception into a miss; so does this one).
     """
     try:
         current = SourceStamp.of(source_file)
         meta, results = read_cache_file(cache_path(source_file, work_dir))
-    except (OSError, ValueError):
+    except Exception:  # upstream's contract: any failure is a miss
         return None
     return results if meta.stamp == current else None
 

@@ -9,6 +9,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
+import pydantic
+
 
 @dataclass(frozen=True, slots=True)
 class SceneDescription:
@@ -43,6 +45,31 @@ SCENE_DESCRIPTION_SCHEMA: Final[dict[str, Any]] = {
     "required": list(SCENE_DESCRIPTION_FIELDS),
     "additionalProperties": False,
 }
+
+
+def _validator() -> Any:
+    """Upstream validates with ``pydantic.TypeAdapter(SceneDescription)`` (pydantic 2); Debian 12 ships
+    pydantic 1, which has no TypeAdapter. Both paths raise ``pydantic.ValidationError``, the type
+    upstream's callers catch."""
+    adapter = getattr(pydantic, "TypeAdapter", None)
+    if adapter is not None:
+        return adapter(SceneDescription).validate_python
+    # pydantic 1 cannot validate into a slotted dataclass: a model of strict strings (pydantic 2 does not
+    # coerce to str either) checks the data, then the dataclass is built from it.
+    model = pydantic.create_model(
+        "SceneDescriptionModel", **{name: (pydantic.StrictStr, ...) for name in SCENE_DESCRIPTION_FIELDS}
+    )
+    return lambda data: SceneDescription(**model.parse_obj(data).dict())
+
+
+_validate: Final = _validator()
+
+
+def validate_scene_description(data: dict[str, Any]) -> SceneDescription:
+    """Upstream's validator: a SceneDescription from a dict; raises ``pydantic.ValidationError`` on
+    non-conforming data (a missing field, a non-string value)."""
+    result: SceneDescription = _validate(data)
+    return result
 
 
 def parse_scene_description(raw: str | bytes | dict[str, Any] | None) -> SceneDescription | None:

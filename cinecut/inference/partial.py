@@ -24,7 +24,6 @@ every few frames or seconds and on close, so a power cut loses at most those.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import math
@@ -37,7 +36,7 @@ from typing import Any, Final
 
 import msgpack
 
-from cinecut import safefs
+from cinecut import fresh, safefs
 from cinecut.inference.cache import MAX_RESULTS, Result, bounded_unpacker, decode_item
 from cinecut.inference.models import SceneDescription
 from cinecut.models import KEYFRAME_SOURCES, KeyframeRecord
@@ -245,23 +244,25 @@ class PartialWriter:
     def create(
         cls, dir_fd: int, name: str, header: PartialHeader, policy: SyncPolicy | None = None
     ) -> PartialWriter:
-        """Start a new partial file (atomically replacing any old one) holding only ``header``."""
-        safefs.atomic_write(dir_fd, name, header.encode(), tmp_suffix=CACHE_TMP_SUFFIX)
-        return cls(_open_append(dir_fd, name), header, 0, policy or SyncPolicy())
+        """Start a new partial file (atomically replacing any old one) holding only ``header``.
+
+        The writer keeps the descriptor of the file it created, so its appends never reach another file
+        (a hard link to a film, or whatever a name was swapped for) however the name changes later.
+        """
+        fd = fresh.publish(dir_fd, name, header.encode(), tmp_suffix=CACHE_TMP_SUFFIX, mode=_mode_of(dir_fd, name))
+        return cls(fd, header, 0, policy or SyncPolicy())
 
     @classmethod
     def resume(
         cls, dir_fd: int, name: str, read: PartialRead, policy: SyncPolicy | None = None
     ) -> PartialWriter:
-        """Continue a partial file after its valid prefix; a damaged tail is cut off first."""
-        fd = _open_append(dir_fd, name)
-        try:
-            if os.fstat(fd).st_size != read.valid_bytes:
-                os.ftruncate(fd, read.valid_bytes)
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        """Continue a partial file after its valid prefix (a damaged tail is dropped).
+
+        The prefix is written into a new file that replaces the name, never appended to or truncated in
+        place: the existing file may be a hard link shared with another work dir or a film.
+        """
+        data = read.header.encode() + b"".join(encode_entry(r, d) for r, d in read.results)
+        fd = fresh.publish(dir_fd, name, data, tmp_suffix=CACHE_TMP_SUFFIX, mode=_mode_of(dir_fd, name))
         return cls(fd, read.header, read.done, policy or SyncPolicy())
 
     def append(self, record: KeyframeRecord, description: SceneDescription | None) -> None:
@@ -305,17 +306,10 @@ class PartialWriter:
         self.close()
 
 
-def _open_append(dir_fd: int, name: str) -> int:
-    try:
-        fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # the partial file was swapped for a symlink
-            raise safefs.SymlinkRefused(name, "file") from exc
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise safefs.SymlinkRefused(name, "file")
-    return fd
+def _mode_of(dir_fd: int, name: str) -> int:
+    """Permission bits to give a rewritten partial file: the old file's if it is a regular file."""
+    old = safefs.lstat_in(dir_fd, name)
+    return stat.S_IMODE(old.st_mode) if old is not None and stat.S_ISREG(old.st_mode) else 0o644
 
 
 def open_partial(

@@ -1,7 +1,8 @@
 """The `cinecutd` command: `run` starts the daemon; the other subcommands talk to it over its socket.
 
 Exit codes: 0 ok, 1 the daemon answered with an error (or another failure), 2 usage, 3 the daemon is not
-running, 4 permission denied on the socket, 78 (EX_CONFIG) a bad config.
+running, 4 permission denied on the socket, 78 (EX_CONFIG) a bad config. `status --check` adds 5 (a library
+root is missing, unreadable or not watched) and 6 (a film is blocked): see ``cinecutd.health``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = client("status", "show what the daemon sees (or one film's detail)")
     p.add_argument("film", nargs="?", metavar="FILM", help="a film's path: show its stamps, cache and stages")
+    p.add_argument("--check", action="store_true",
+                   help="health probe: exit 0 healthy, 3 daemon down, 4 socket permission denied, 5 a root "
+                        "missing or not watched, 6 a film blocked (one line per finding on stdout)")
     client("rescan", "reconcile all libraries now")
     p = client("gc", "list orphaned work dirs (dry run), or delete their regenerable data with --apply")
     p.add_argument("--apply", action="store_true", help="delete (caches, proxies, keyframes; never manifests)")
@@ -78,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="PATH", help=f"config file (default: {default_config_path()})")
     p.add_argument("--write", action="store_true",
                    help=f"write it to {DROPIN_DIR / DROPIN_NAME} instead of printing it")
+    p.add_argument("--run-as", metavar="USER",
+                   help="run the service as USER, the account that runs CineCut on these libraries (its "
+                        "checkpoint and cache are 0600: only that user can read them)")
     p.add_argument("--dir", type=Path, default=DROPIN_DIR, metavar="DIR", help=argparse.SUPPRESS)
 
     p = sub.add_parser("demo", help="run the daemon on a generated demo library and replace the film live")
@@ -133,7 +140,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     cmd = args.command
     req: dict[str, Any] = {}
-    if cmd == "status" and args.film:
+    if cmd == "status" and args.film and not args.check:
         req["film"] = _film_arg(args.film)
     elif cmd == "gc":
         req["apply"] = args.apply
@@ -144,8 +151,18 @@ def cmd_client(args: argparse.Namespace) -> int:
             result = c.request(cmd, **req)
     except ClientError as e:
         _err(str(e))
+        if cmd == "status" and args.check:
+            print(f"unhealthy: {e}")
         return e.exit_code
 
+    if cmd == "status" and args.check:
+        from cinecutd.health import check_verdict
+
+        code, lines = check_verdict(result)
+        print("healthy" if code == 0 else "unhealthy:")
+        for line in lines:
+            print(f"  {line}")
+        return code
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=True))
         return 0
@@ -169,15 +186,23 @@ def cmd_dropin(args: argparse.Namespace) -> int:
     except ConfigError as e:
         _err(str(e))
         return EX_CONFIG
-    from cinecutd.dropin import DropinError, render_dropin
+    from cinecutd.dropin import DropinError, render_dropin, run_as_user
 
+    try:
+        run_as = run_as_user(args.run_as) if args.run_as else None
+    except DropinError as e:
+        _err(str(e))
+        return 2
     try:
         pw = config.prewarm
         models = {p.parent for p in (pw.model, pw.mmproj) if pw.enabled and p is not None}
-        text = render_dropin([lib.path for lib in config.libraries], read_only=sorted(models), source=str(config.path))
+        text = render_dropin([lib.path for lib in config.libraries], read_only=sorted(models), source=str(config.path),
+                             run_as=run_as)
     except DropinError as e:
         _err(f"{config.path}: library path: {e}")
         return EX_CONFIG
+    if run_as is None:
+        _hint_run_as(config.libraries)
     if not args.write:
         sys.stdout.write(text)
         return 0
@@ -200,6 +225,28 @@ def cmd_dropin(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {target}\nnow run: systemctl daemon-reload && systemctl restart cinecut-cache")
     return 0
+
+
+def _hint_run_as(libraries: Any) -> None:
+    """Without --run-as, name the account that owns the libraries: its CineCut writes files only it reads."""
+    import pwd
+
+    owners = set()
+    for lib in libraries:
+        try:
+            uid = os.stat(lib.path).st_uid
+        except OSError:
+            continue
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        if uid != 0 and name != "cinecut":
+            owners.add(name)
+    if owners:
+        _err(f"note: the libraries belong to {', '.join(sorted(owners))}; CineCut run by that account writes its "
+             "checkpoint and cache 0600, which the service cannot read as user cinecut: add "
+             f"--run-as {sorted(owners)[0]} (see the README, \"Granting access to the libraries\")")
 
 
 def main(argv: list[str] | None = None) -> int:

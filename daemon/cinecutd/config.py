@@ -8,6 +8,7 @@ a config that deletes files must never silently do nothing.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
@@ -184,6 +185,7 @@ class PrewarmConfig:
     min_free_vram_mb: int
     vibe: str
     python: Path | None  # None: the daemon's own interpreter
+    parallel: int = 0  # frames in flight per job; 0: chosen from the free VRAM when the model loads
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,7 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string; control characters escaped
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
@@ -211,7 +213,17 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def _number(*, minimum: float | None = None, exclusive: bool = False) -> Callable[[Any], float]:
+# Every number is bounded by what its consumers can take: epoll takes its timeout in milliseconds in a C
+# int (24.8 days), threading waits at most threading.TIMEOUT_MAX, llama.cpp a C int. The bounds below are
+# far inside those limits and far beyond any useful setting (tests/test_config.py starts the daemon at them).
+HOUR = 3600.0
+DAY = 86400.0
+
+
+def _number(
+    *, minimum: float | None = None, exclusive: bool = False, maximum: float | None = None, off_or_at_least: float | None = None
+) -> Callable[[Any], float]:
+    """A finite number in [minimum, maximum]; ``off_or_at_least``: 0 (off) or at least that much."""
     def check(v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise _Invalid(f"must be a number, got {_show(v)}")
@@ -219,6 +231,10 @@ def _number(*, minimum: float | None = None, exclusive: bool = False) -> Callabl
             raise _Invalid(f"must be a finite number, got {_show(v)}")
         if minimum is not None and (v <= minimum if exclusive else v < minimum):
             raise _Invalid(f"must be {'>' if exclusive else '>='} {minimum:g}, got {v!r}")
+        if maximum is not None and v > maximum:
+            raise _Invalid(f"must be <= {maximum:g}, got {v!r}")
+        if off_or_at_least is not None and 0 < v < off_or_at_least:
+            raise _Invalid(f"must be 0 (off) or at least {off_or_at_least:g}, got {v!r}")
         return float(v)
     return check
 
@@ -263,7 +279,8 @@ def _abs_path(v: Any) -> Path:
         raise _Invalid("must not be empty")
     if not s.startswith("/"):
         raise _Invalid(f"must be an absolute path, got {_show(v)}")
-    return Path(os.path.normpath(s))
+    # normpath keeps exactly two leading slashes (POSIX lets them mean something else); Linux does not.
+    return Path("/" + os.path.normpath(s).lstrip("/"))
 
 
 def _optional_abs_path(v: Any) -> Path | None:
@@ -272,7 +289,11 @@ def _optional_abs_path(v: Any) -> Path | None:
 
 
 def _library_root(v: Any) -> Path:
+    """The root as the kernel resolves it (symlinks followed): "//x", "/x/." and a link to /x are one root,
+    and film paths under it are spelled as upstream's realpath spells them."""
     p = _abs_path(v)
+    if p != Path("/"):
+        p = Path(os.path.realpath(p))
     if p == Path("/"):
         raise _Invalid('must not be "/" (a library root is a folder of films)')
     return p
@@ -358,18 +379,20 @@ class Key:
 
 
 DAEMON_KEYS: tuple[Key, ...] = (
-    Key("rescan_interval", 900, _number(minimum=0),
-        "Seconds between full reconcile scans, the safety net for events the kernel dropped. 0 disables them."),
-    Key("settle_seconds", 1.0, _number(minimum=0),
+    Key("rescan_interval", 900, _number(minimum=0, maximum=7 * DAY, off_or_at_least=1),
+        "Seconds between full reconcile scans, the safety net for events the kernel dropped. 0 disables them; "
+        "else 1 to 604800 (a week)."),
+    Key("settle_seconds", 1.0, _number(minimum=0, maximum=HOUR),
         "Quiet time after the last event of a burst before the final revalidation (invalidation itself is "
-        "never delayed)."),
+        "never delayed). At most 3600."),
     Key("log_format", "auto", _choice(LOG_FORMATS),
         '"auto" (journal under systemd, console on a TTY, else JSON lines), "json", "console" or "journal".'),
     Key("log_level", "info", _choice(LOG_LEVELS), "debug, info, warning, error or critical."),
     Key("orphans", "keep", _choice(ORPHAN_POLICIES),
         '"keep": report orphaned work dirs only. "reclaim": delete their regenerable data (cache, proxy, '
         "keyframes) after `orphan_grace_days`; manifests and unknown files are never deleted."),
-    Key("orphan_grace_days", 7, _number(minimum=0), "Days an orphaned work dir is kept before `reclaim`."),
+    Key("orphan_grace_days", 7, _number(minimum=0, maximum=3650),
+        "Days an orphaned work dir is kept before `reclaim` (at most 3650)."),
     Key("state_dir", "/var/lib/cinecut", _abs_path, "Where the daemon keeps its own state."),
     Key("video_extensions", list(DEFAULT_VIDEO_EXTENSIONS), _extensions(allow_empty=False),
         "File extensions that are films (case-insensitive)."),
@@ -379,11 +402,13 @@ DAEMON_KEYS: tuple[Key, ...] = (
 
 LIBRARY_KEYS: tuple[Key, ...] = (
     Key("path", REQUIRED, _library_root,
-        'Absolute path of the library root; not "/", and roots may neither repeat nor nest.'),
+        'Absolute path of the library root, resolved (symlinks followed); not "/", and roots may neither '
+        "repeat nor nest."),
     Key("watch", "inotify", _choice(WATCH_MODES),
         '"inotify" (local filesystems) or "poll" (NFS, SMB and other filesystems that do not report '
         "remote writes)."),
-    Key("poll_interval", 30.0, _number(minimum=0, exclusive=True), 'Seconds between polls when watch = "poll".'),
+    Key("poll_interval", 30.0, _number(minimum=0.1, maximum=DAY),
+        'Seconds between polls when watch = "poll" (0.1 to 86400).'),
     Key("video_extensions", None, _extensions(allow_empty=False),
         "Overrides `[daemon].video_extensions` for this library."),
     Key("subtitle_extensions", None, _extensions(allow_empty=True),
@@ -397,8 +422,9 @@ CONTROL_KEYS: tuple[Key, ...] = (
         "use the client."),
     Key("group", "", _group_name,
         'Group that owns the socket ("" = the daemon\'s group; the packaged unit runs with group cinecut).'),
-    Key("request_timeout", 5.0, _number(minimum=0, exclusive=True),
-        "Seconds a client has to send a complete request (and to read its answer) before it is cut off."),
+    Key("request_timeout", 5.0, _number(minimum=0.1, maximum=HOUR),
+        "Seconds a client has to send a complete request (and to read its answer) before it is cut off "
+        "(0.1 to 3600)."),
     Key("max_request_bytes", 65536, _integer(minimum=256, maximum=16 << 20),
         "Largest request line accepted; a longer one is answered with `too_large` and the connection closed."),
 )
@@ -409,14 +435,18 @@ PREWARM_KEYS: tuple[Key, ...] = (
         '"HH:MM-HH:MM" in local time (may cross midnight; start inclusive, end exclusive) or "always".'),
     Key("model", "", _optional_abs_path, "Absolute path of the GGUF text model (required when enabled)."),
     Key("mmproj", "", _optional_abs_path, "Absolute path of the GGUF mmproj (required when enabled)."),
-    Key("n_gpu_layers", -1, _integer(minimum=-1), "Layers offloaded to the GPU: -1 all, 0 CPU only."),
+    Key("n_gpu_layers", -1, _integer(minimum=-1, maximum=100_000), "Layers offloaded to the GPU: -1 all, 0 CPU only."),
     Key("n_ctx", 4096, _integer(minimum=512, maximum=1 << 20), "Context length of the model."),
     Key("max_tokens", 256, _integer(minimum=16, maximum=1 << 16), "Token budget of one frame's answer."),
-    Key("settle_seconds", 60, _number(minimum=0),
-        "A film is queued once its size and mtime have not changed for this long."),
+    Key("parallel", 0, _integer(minimum=0, maximum=64),
+        "Frames described at once in one batch (continuous batching, one KV cache each): 1 = one at a "
+        "time; 0 = as many KV caches as the free VRAM holds after loading the model (at most 8; 4 on the "
+        "CPU), the size logged by the worker (0 to 64)."),
+    Key("settle_seconds", 60, _number(minimum=0, maximum=7 * DAY),
+        "A film is queued once its size and mtime have not changed for this long (at most 604800)."),
     Key("gpu_lock", "/run/cinecut/gpu.lock", _abs_path,
         "GPU lock file shared with interactive `cinecut analyze` runs (which always win)."),
-    Key("min_free_vram_mb", 0, _integer(minimum=0),
+    Key("min_free_vram_mb", 0, _integer(minimum=0, maximum=1 << 24),
         "Free VRAM needed before loading the model; 0 = estimate from the model files."),
     Key("vibe", "", _vibe, "Vibe recorded in a new checkpoint when none exists."),
     Key("python", "", _optional_abs_path,

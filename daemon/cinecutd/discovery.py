@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from cinecut.workdir import WORK_DIR_SUFFIX, is_trailer_name, is_work_dir_name, subtitle_belongs_to
+from cinecut.workdir import in_work_dir as _in_work_dir
+from cinecut.workdir import is_trailer_name, is_work_dir_name, subtitle_belongs_to, subtitle_stems
+from cinecutd.treewalk import FolderId, folder_id
 
 IN_PROGRESS_SUFFIXES: Final = (".part", ".tmp", ".!qb", ".crdownload", ".partial", ".download", ".!ut", ".temp")
 
@@ -31,12 +33,9 @@ def is_film_name(name: str, video_extensions: Iterable[str]) -> bool:
     return os.path.splitext(name)[1].lower() in video_extensions
 
 
-def in_work_dir(path: str | os.PathLike[str]) -> bool:
-    """True if any component of ``path`` is a work dir (events there are ours or the pipeline's)."""
-    s = os.fspath(path)
-    if WORK_DIR_SUFFIX not in s:
-        return False
-    return any(is_work_dir_name(part) for part in Path(s).parts)
+def in_work_dir(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> bool:
+    """True if ``path`` is, or is inside, a work dir (below ``root``): :func:`cinecut.workdir.in_work_dir`."""
+    return _in_work_dir(path, root)
 
 
 @dataclass(slots=True)
@@ -47,36 +46,74 @@ class ScanResult:
     films: dict[Path, tuple[Path, ...]] = field(default_factory=dict)  # film -> its subtitle sidecars
     work_dirs: set[Path] = field(default_factory=set)
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    #: Folders skipped because the walk had already been there under another path (a bind mount loop).
+    loops: list[Path] = field(default_factory=list)
     missing: bool = False
 
 
-def scan_root(
-    root: Path,
-    video_extensions: tuple[str, ...],
-    subtitle_extensions: tuple[str, ...],
-    *,
-    max_depth: int = 32,
-) -> ScanResult:
-    """Walk a library root (not following directory symlinks, so loops cannot trap it).
+#: Entries read from a folder between two yields of a scan: a flat folder of 100,000 films is listed in
+#: slices, so a rescan running as a job never holds the engine for the whole listing.
+ENTRIES_PER_STEP = 1024
 
-    Symlinked film files are films (Plex users link them); symlinked folders are not descended. An
-    unreadable folder is recorded and skipped, never fatal.
-    """
+
+def scan_root(root: Path, video_extensions: tuple[str, ...], subtitle_extensions: tuple[str, ...]) -> ScanResult:
+    """Walk a library root to the bottom (see :func:`iter_scan_root`) in one go."""
     result = ScanResult(root)
+    for _ in iter_scan_root(root, video_extensions, subtitle_extensions, result):
+        pass
+    return result
+
+
+def iter_scan_root(
+    root: Path, video_extensions: Iterable[str], subtitle_extensions: Iterable[str], result: ScanResult
+) -> Iterator[None]:
+    """Walk a library root into ``result``, yielding every few hundred entries (a resumable scan).
+
+    No depth limit and no recursion: an explicit stack, symlinked folders not descended (symlinked film
+    files are films: Plex users link them), and every folder visited once by ``(st_dev, st_ino)``, so a
+    bind mount of an ancestor ends its branch (recorded in ``result.loops``). An unreadable folder is
+    recorded and skipped, never fatal.
+    """
     try:
         st = os.stat(root)
     except OSError as exc:
         result.missing = True
         result.unreadable.append((root, exc.strerror or str(exc)))
-        return result
+        return
     if not stat.S_ISDIR(st.st_mode):
         result.missing = True
         result.unreadable.append((root, "not a directory"))
-        return result
+        return
+    yield from iter_scan_tree(root, video_extensions, subtitle_extensions, result, seen={folder_id(st)})
+
+
+def iter_scan_tree(
+    top: Path,
+    video_extensions: Iterable[str],
+    subtitle_extensions: Iterable[str],
+    result: ScanResult,
+    *,
+    seen: set[FolderId] | None = None,
+    visited: set[Path] | None = None,
+) -> Iterator[None]:
+    """Films in ``top`` and every folder below it (work dirs and hidden folders excluded) into ``result``;
+    the folders listed are added to ``visited`` when given."""
     vexts = frozenset(e.lower() for e in video_extensions)
     sexts = frozenset(e.lower() for e in subtitle_extensions)
-    _scan_dir(root, 0, max_depth, vexts, sexts, result)
-    return result
+    if seen is None:
+        try:
+            seen = {folder_id(os.stat(top))}
+        except OSError as exc:
+            result.unreadable.append((top, exc.strerror or str(exc)))
+            return
+    stack = [top]
+    while stack:
+        subdirs: list[Path] = []
+        folder = stack.pop()
+        if visited is not None:
+            visited.add(folder)
+        yield from _iter_scan_folder(folder, vexts, sexts, result, subdirs, seen)
+        stack.extend(reversed(subdirs))
 
 
 def scan_folder(
@@ -84,41 +121,57 @@ def scan_folder(
 ) -> list[Path]:
     """Films directly in ``folder`` (with their subtitles) into ``result``; returns its subfolders."""
     subdirs: list[Path] = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError as exc:
-        result.unreadable.append((folder, exc.strerror or str(exc)))
-        return subdirs
-    names = [e.name for e in entries]
-    films: list[str] = []
-    for entry in entries:
-        name = entry.name
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                if is_work_dir_name(name):
-                    result.work_dirs.add(folder / name)
-                elif not name.startswith("."):
-                    subdirs.append(folder / name)
-            elif is_film_name(name, video_extensions) and entry.is_file(follow_symlinks=True):
-                films.append(name)
-        except OSError:
-            continue
-    for name in films:
-        stem = os.path.splitext(name)[0]
-        subs = tuple(sorted(folder / n for n in names if subtitle_belongs_to(n, stem, subtitle_extensions)))
-        result.films[folder / name] = subs
+    for _ in _iter_scan_folder(folder, video_extensions, subtitle_extensions, result, subdirs, None):
+        pass
     return subdirs
 
 
-def _scan_dir(
-    folder: Path, depth: int, max_depth: int, vexts: frozenset[str], sexts: frozenset[str], result: ScanResult
-) -> None:
-    stack = [(folder, depth)]
-    while stack:
-        current, d = stack.pop()
-        subdirs = scan_folder(current, vexts, sexts, result)
-        if d < max_depth:
-            stack.extend((s, d + 1) for s in subdirs)
+def _iter_scan_folder(
+    folder: Path,
+    vexts: frozenset[str],
+    sexts: frozenset[str],
+    result: ScanResult,
+    subdirs: list[Path],
+    seen: set[FolderId] | None,
+) -> Iterator[None]:
+    """One folder: one listing, subtitles indexed by stem (linear in the folder's size, however flat)."""
+    films: list[str] = []
+    subs_by_stem: dict[str, list[str]] = {}
+    n = 0
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                n += 1
+                if n % ENTRIES_PER_STEP == 0:
+                    yield
+                name = entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if is_work_dir_name(name):
+                            result.work_dirs.add(folder / name)
+                        elif not name.startswith("."):
+                            if seen is not None:
+                                ident = folder_id(entry.stat(follow_symlinks=False))
+                                if ident in seen:
+                                    result.loops.append(folder / name)
+                                    continue
+                                seen.add(ident)
+                            subdirs.append(folder / name)
+                    elif is_film_name(name, vexts) and entry.is_file(follow_symlinks=True):
+                        films.append(name)
+                    else:
+                        for stem in subtitle_stems(name, sexts):
+                            subs_by_stem.setdefault(stem, []).append(name)
+                except OSError:
+                    continue
+    except OSError as exc:
+        result.unreadable.append((folder, exc.strerror or str(exc)))
+        return
+    for i, name in enumerate(films):
+        if i and i % ENTRIES_PER_STEP == 0:
+            yield
+        names = subs_by_stem.get(os.path.splitext(name)[0])
+        result.films[folder / name] = tuple(sorted(folder / n for n in names)) if names else ()
 
 
 def subtitles_of(film: Path, subtitle_extensions: tuple[str, ...]) -> tuple[Path, ...]:

@@ -11,15 +11,27 @@ Each path is prefixed with "-" so a library on an unplugged disk does not stop t
 starting (systemd would otherwise fail it with 226/NAMESPACE). Libraries under /home (or /root,
 /run/user) cannot be re-opened with ReadWritePaths= once ProtectHome=yes hid them: for those the
 drop-in switches to ProtectHome=tmpfs (an empty /home) and binds just the library back in.
+
+``--run-as USER`` (the account that runs CineCut on these libraries) makes the service run as that user.
+Upstream CineCut writes its checkpoint and cache with ``mkstemp`` + ``os.replace``: mode 0600, owner only.
+No group or ACL setup reaches such a file (``mkstemp``'s 0600 also zeroes the ACL mask), so a service
+running as its own user cannot read the checkpoint it must reset. Running as the owner reads them without
+any capability (the unit keeps ``CapabilityBoundingSet=`` empty): CAP_DAC_OVERRIDE would instead let a
+daemon that parses untrusted files read every file on the box, ``/etc/shadow`` included. The files it
+rewrites keep their owner, group and mode (``cinecut.keepattrs``); to keep a group it must be a member of
+it, hence ``SupplementaryGroups=`` with the user's primary group and ``PrivateUsers=no`` (in a private user
+namespace those groups are unmapped and a file's group cannot be set). ``Group=cinecut`` stays, so the
+control socket and the GPU lock keep their group.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-__all__ = ["DROPIN_PATH", "DropinError", "quote_path", "render_dropin"]
+__all__ = ["DROPIN_PATH", "DropinError", "RunAs", "quote_path", "render_dropin", "run_as_user"]
 
 DROPIN_PATH = PurePosixPath("/etc/systemd/system/cinecut-cache.service.d/libraries.conf")
 _HOME_TREES = (PurePosixPath("/home"), PurePosixPath("/root"), PurePosixPath("/run/user"))
@@ -27,6 +39,35 @@ _HOME_TREES = (PurePosixPath("/home"), PurePosixPath("/root"), PurePosixPath("/r
 
 class DropinError(ValueError):
     """A path that cannot be written into a unit file (relative, control characters, not UTF-8)."""
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The account the service runs as (``--run-as``) and its primary group."""
+
+    user: str
+    group: str
+
+
+def run_as_user(name: str) -> RunAs:
+    """Look up ``--run-as NAME``: an existing account other than root, named safely for a unit file."""
+    import grp
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise DropinError(f"--run-as {name}: no such user") from None
+    if pw.pw_uid == 0:
+        raise DropinError("--run-as root: the service never needs root; name the account that runs CineCut")
+    try:
+        group = grp.getgrgid(pw.pw_gid).gr_name
+    except KeyError:
+        group = str(pw.pw_gid)
+    for value in (pw.pw_name, group):
+        if not value or any(not (ch.isalnum() or ch in "._-") for ch in value):
+            raise DropinError(f"--run-as {name}: {value!r} cannot be written into a unit file")
+    return RunAs(pw.pw_name, group)
 
 
 def _normalize(path: os.PathLike[str] | str) -> PurePosixPath:
@@ -80,13 +121,15 @@ def render_dropin(
     read_only: Iterable[os.PathLike[str] | str] = (),
     *,
     source: str | None = None,
+    run_as: RunAs | None = None,
 ) -> str:
     """The `[Service]` drop-in text granting write access to the library roots.
 
     extra_read_write: other folders the daemon must write (rare: e.g. a work area outside the
     libraries). read_only: folders it must only read; only those under /home need a line (the
     unit hides /home; everything else is readable already), e.g. a model directory.
-    source: the config file named in the header comment.
+    source: the config file named in the header comment. run_as: run the service as this account (the
+    one that runs CineCut, whose 0600 files the service must read and rewrite).
     """
     rw = _dedupe(_normalize(p) for p in [*library_paths, *extra_read_write])
     ro = [p for p in _dedupe(_normalize(p) for p in read_only)
@@ -110,4 +153,14 @@ def render_dropin(
     lines += [f"ReadWritePaths={quote_path(p, '-')}" for p in rw if not _under_home(p)]
     lines += [f"BindPaths={quote_path(p, '-')}" for p in home_rw]
     lines += [f"BindReadOnlyPaths={quote_path(p, '-')}" for p in home_ro]
+    if run_as is not None:
+        lines += [
+            f"# CineCut run by {run_as.user} writes its checkpoint and cache 0600: the service runs as",
+            f"# {run_as.user} to read and reset them, with no capability. Rewritten files keep their owner,",
+            "# group and mode; to keep the group the service needs the user's group, unmapped inside a",
+            "# private user namespace (PrivateUsers=no). Group=cinecut stays: the control socket's group.",
+            f"User={run_as.user}",
+            f"SupplementaryGroups={run_as.group}",
+            "PrivateUsers=no",
+        ]
     return "\n".join(lines) + "\n"

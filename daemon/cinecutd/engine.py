@@ -17,27 +17,39 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
-from cinecut import __version__, faults, safefs
+from cinecut import __version__, safefs
 from cinecut.inference.cache import read_cache_metadata
+from cinecut.inference.salvage import read_salvage
 from cinecut.locks import LockBusy, is_work_dir_locked, work_dir_lock
+from cinecut.ownership import Evidence, Identity, Owner, judge, read_evidence, real
+from cinecut.paths import same_film_path
+from cinecut.problems import Problem
 from cinecut.revalidate import Revalidation, probe, revalidate
+from cinecut.stages import Input, invalidate
 from cinecut.stamp import SourceStamp
-from cinecut.stamps import read_stamps
+from cinecut.stamps import InputStamps, read_stamps
 from cinecut.workdir import (
+    WORK_DIR_SUFFIX,
     WorkDir,
-    is_work_dir_name,
-    subtitle_belongs_to,
+    subtitle_stems,
 )
 from cinecutd.config import Config, LibraryConfig
-from cinecutd.discovery import ScanResult, in_work_dir, is_film_name, scan_folder, scan_root
-from cinecutd.gc import collect_orphans
+from cinecutd.discovery import ScanResult, in_work_dir, is_film_name, iter_scan_tree
+from cinecutd.health import Health, access_problems, older_than_film, remedy
 from cinecutd.memory import trim_heap
-from cinecutd.migrate import JOURNAL_NAME, MigrationError, migrate_work_dir, resume_migration
-from cinecutd.registry import FilmState, Registry, RootState
+from cinecutd.migrate import (
+    MigrationError,
+    is_parked_name,
+    migrate_work_dir,
+    park_work_dir,
+)
+from cinecutd.reconcile import SLICE_S, ReconcileJob
+from cinecutd.registry import FilmState, Registry
+from cinecutd.upstream_orphans import orphans_by_cache_stamp
 
 log = structlog.get_logger("cinecutd")
 
@@ -61,6 +73,15 @@ class FsEvent:
     dest: str | None
     is_dir: bool
     t0: float
+
+
+class _Move(NamedTuple):
+    """A work-dir move waiting for a pipeline's lock (or for the results' commit mark)."""
+
+    old_film: Path
+    with_folder: bool
+    src_dir: Path | None = None  # a parked work dir, instead of ``old_film``'s
+    identity: Identity | None = None  # the moving file's (device, inode)
 
 
 class _Call:
@@ -91,7 +112,10 @@ class Engine:
         self._pending: set[Path] = set()
         # Moves of a work dir that a pipeline's lock held up: new film -> (old film, moved with its folder).
         # Retried with the pending invalidations, so a rename during an analysis keeps its results.
-        self._migrations: dict[Path, tuple[Path, bool]] = {}
+        self._migrations: dict[Path, _Move] = {}
+        # Work dirs moved out of the way of a film that took their name (``mv A.mkv .swap; mv B.mkv A.mkv``),
+        # by the (device, inode) of the file whose results they hold: handed back when it reappears.
+        self._parked: dict[Identity, tuple[Path, Path, float]] = {}
         # Of those, the ones whose results are not yet known to be this film's (a rename from a name the
         # daemon never registered, while a pipeline wrote under that name): new film -> deadline. The move
         # happens once the pipeline's commit mark names this very file.
@@ -103,6 +127,16 @@ class Engine:
         self.on_film_changed: Callable[[FilmState], None] | None = None  # pre-warm scheduling hook
         self.on_reconciled: Callable[[], None] | None = None
         self._libraries: list[LibraryConfig] = list(config.libraries)
+        self.health = Health()  # blocked films: problems that stopped an invalidation, retried with backoff
+        # The rescan in progress (run in slices between queue items) and the one asked for meanwhile.
+        self._job: ReconcileJob | None = None
+        self._job_next: ReconcileJob | None = None
+        self._loops_warned: set[Path] = set()
+        # Folders a new-folder scan listed during the current burst of events: the created/moved events
+        # watchdog adds for every sub-folder of a folder that arrived would otherwise each scan their
+        # subtree again (quadratic in the depth of a moved-in chain). Forgotten when the queue runs dry
+        # and whenever one of them is deleted or moved away.
+        self._fresh_folders: set[Path] = set()
         self._schedule_rescan()
 
     # ----------------------------------------------------------------- inputs from other threads
@@ -122,11 +156,14 @@ class Engine:
 
     # ----------------------------------------------------------------- the loop body
     def run_once(self, max_wait: float) -> None:
-        """Process one queued item (or wait up to ``max_wait``), then due timers."""
+        """Process one queued item (or wait up to ``max_wait``), then due timers, then one slice of a
+        rescan in progress: queued events never wait for more than a slice of it."""
         now = time.monotonic()
         wait = max_wait
         if self._timers:
             wait = max(0.0, min(wait, self._timers[0][0] - now))
+        if self._job is not None or self._job_next is not None:
+            wait = 0.0
         try:
             item = self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()
         except queue.Empty:
@@ -138,8 +175,10 @@ class Engine:
                 try:
                     self._dispatch(self.queue.get_nowait())
                 except queue.Empty:
+                    self._fresh_folders.clear()
                     break
         self._run_timers()
+        self._step_rescan()
         self.last_loop = time.monotonic()
 
     def _dispatch(self, item: Any) -> None:
@@ -175,7 +214,9 @@ class Engine:
                 elif what == "overflow":
                     self._overflow_due = None
                     self._last_overflow_rescan = time.monotonic()
-                    self.reconcile("inotify overflow")
+                    self.request_reconcile("inotify overflow")
+                elif what == "blocked":
+                    self._retry_blocked(film)
                 elif what == "subs":
                     state = self.reg.films.get(film)
                     self._renaming.pop(film, None)
@@ -184,7 +225,8 @@ class Engine:
             except Exception as exc:
                 log.error("timer_failed", film=str(film), what=what, error=repr(exc))
         if self.next_rescan is not None and now >= self.next_rescan:
-            self.reconcile("periodic")
+            self.next_rescan = None  # scheduled again when this rescan ends
+            self.request_reconcile("periodic")
 
     def next_deadline(self) -> float | None:
         return self._timers[0][0] if self._timers else None
@@ -203,6 +245,11 @@ class Engine:
     def set_config(self, config: Config) -> None:
         """Apply a reloaded config: roots that left are forgotten (nothing on disk changes)."""
         old_roots = {lib.path for lib in self._libraries}
+        if self._job is not None:  # it scans the old roots: start over on the new ones
+            self._job.cancel()
+            self._job_next = ReconcileJob(self, self._job.reason, self._job.waiters + (
+                self._job_next.waiters if self._job_next is not None else []))
+            self._job = None
         self.config = config
         self._libraries = list(config.libraries)
         new_roots = {lib.path for lib in self._libraries}
@@ -217,6 +264,12 @@ class Engine:
     def handle_event(self, ev: FsEvent) -> None:
         c = self.reg.counters
         c["events"] += 1
+        if self._job is not None:
+            self._job.mark(ev.src, ev.dest, ev.is_dir or ev.kind == "resync")
+        if ev.kind == "resync":
+            # A watch died and was replaced: whatever happened meanwhile was not reported. Look again.
+            self.request_reconcile("watch restarted")
+            return
         if ev.kind == "overflow":
             c["overflows"] += 1
             # Coalesce: a flood can overflow the queue many times a second; one rescan per few seconds
@@ -231,7 +284,7 @@ class Engine:
             return
         src = Path(ev.src)
         dest = Path(ev.dest) if ev.dest else None
-        if in_work_dir(src) and (dest is None or in_work_dir(dest)):
+        if self._in_work_dir(src) and (dest is None or self._in_work_dir(dest)):
             c["work_dir_events"] += 1
             return
         if not ev.is_dir and ev.kind != "deleted" and not os.path.isdir((dest or src).parent):
@@ -254,7 +307,7 @@ class Engine:
     def _classify(self, path: Path) -> tuple[LibraryConfig | None, str]:
         """('film' | 'subtitle' | 'other', with the library) for a file path."""
         lib = self.library_for(path)
-        if lib is None or in_work_dir(path):
+        if lib is None or in_work_dir(path, lib.path):
             return lib, "other"
         name = path.name
         if is_film_name(name, lib.video_extensions):
@@ -281,9 +334,21 @@ class Engine:
             for film in self._films_for_subtitle(path, lib):
                 self._push_timer(time.monotonic() + max(self.config.daemon.settle_seconds, 0.5), "subs", film)
 
+    def _in_work_dir(self, path: Path) -> bool:
+        """The one work-dir rule (:func:`cinecut.workdir.in_work_dir`), below the path's library root."""
+        lib = self.library_for(path)
+        return in_work_dir(path, lib.path if lib is not None else None)
+
     def _films_for_subtitle(self, sub: Path, lib: LibraryConfig) -> list[Path]:
+        """Registered films a subtitle belongs to, by its possible stems (never by listing the folder's films:
+        a flat folder of 10,000 would make every subtitle event cost 10,000 comparisons)."""
         exts = frozenset(lib.subtitle_extensions)
-        return [f for f in self.reg.films_in(sub.parent) if subtitle_belongs_to(sub.name, f.stem, exts)]
+        out: list[Path] = []
+        for stem in subtitle_stems(sub.name, exts):
+            for film in self.reg.claimants(sub.parent / f"{stem}{WORK_DIR_SUFFIX}"):
+                if film.parent == sub.parent and film.stem == stem and film not in out:
+                    out.append(film)
+        return sorted(out)
 
     def _moved(self, src: Path, dest: Path, t0: float) -> None:
         _, src_kind = self._classify(src)
@@ -307,13 +372,15 @@ class Engine:
                 self._path_changed(dest, "moved", t0)
 
     def _dir_event(self, ev: FsEvent, src: Path, dest: Path | None) -> None:
+        if ev.kind in ("deleted", "moved") and src in self._fresh_folders:
+            self._fresh_folders.clear()
         if ev.kind == "deleted" or (ev.kind == "moved" and dest is not None and self.library_for(dest) is None):
             for film in self.reg.films_under(src):
                 self._film_gone(film)
             if self.reg.root_of(src) == src:
                 self._root_missing(src)
         if ev.kind == "moved" and dest is not None and self.library_for(dest) is not None:
-            moved = self.reg.films_under(src)
+            moved = self._owners_first(self.reg.films_under(src), src, dest)
             for film in moved:
                 state = self.reg.films[film]
                 new_film = dest / film.relative_to(src)
@@ -324,13 +391,15 @@ class Engine:
 
     def _scan_new_folder(self, folder: Path, t0: float) -> None:
         lib = self.library_for(folder)
-        if lib is None or in_work_dir(folder) or is_work_dir_name(folder.name):
+        if lib is None or in_work_dir(folder, lib.path):
             return
+        if folder in self._fresh_folders:
+            self.reg.counters["folder_scans_skipped"] += 1
+            return  # listed moments ago with the folder it arrived in; its watch reports what came since
         result = ScanResult(lib.path)
-        vexts, sexts = frozenset(lib.video_extensions), frozenset(lib.subtitle_extensions)
-        stack = [folder]
-        while stack:
-            stack.extend(scan_folder(stack.pop(), vexts, sexts, result))
+        for _ in iter_scan_tree(folder, lib.video_extensions, lib.subtitle_extensions, result,
+                                visited=self._fresh_folders):
+            pass  # iterative, no depth limit, each folder once (a bind-mount loop ends its branch)
         for film, subs in result.films.items():
             if film not in self.reg.films:
                 state = self._film_touched(film, lib, "created", t0)
@@ -348,10 +417,7 @@ class Engine:
         self.reg.orphans.pop(wd.path, None)
         # A same-stem twin appearing live (Heat.mp4 beside Heat.mkv) shares the work dir: mark the conflict
         # now, so the newcomer cannot invalidate its twin's results before the next rescan notices.
-        siblings = self.reg.films_in(state.folder)
-        if len(siblings) < 2:
-            return state
-        claim = sorted(f for f in siblings if self.reg.films[f].work_dir == wd.path)
+        claim = sorted(self.reg.claimants(wd.path))
         if len(claim) > 1:
             self.reg.conflicts[wd.path] = claim
             for f in claim:
@@ -413,19 +479,41 @@ class Engine:
                 return
             self._gone[(state.device, state.inode)] = (film, state.stamp, time.monotonic())
         wd = state.work_dir
-        claim = self.reg.conflicts.get(wd)
-        if claim is not None:
-            rest = [f for f in claim if f != film and f in self.reg.films]
-            if len(rest) > 1:
-                self.reg.conflicts[wd] = rest
-            else:
-                del self.reg.conflicts[wd]
-                for f in rest:
-                    self.reg.films[f].conflict = False
-        still_claimed = any(WorkDir.for_film(f).path == wd for f in self.reg.films_in(film.parent))
+        self._drop_conflict(film, wd)
+        still_claimed = bool(self.reg.claimants(wd))
         if not still_claimed and os.path.lexists(wd):
             self.reg.orphans.setdefault(wd, time.time())
             log.info("orphaned", film=str(film), work_dir=str(wd), reason="film deleted or moved out")
+
+    def _drop_conflict(self, film: Path, wd: Path) -> None:
+        """``film`` no longer claims ``wd``: a twin left alone is no longer in conflict."""
+        claim = self.reg.conflicts.get(wd)
+        if claim is None:
+            return
+        rest = [f for f in claim if f != film and f in self.reg.films]
+        if len(rest) > 1:
+            self.reg.conflicts[wd] = rest
+        else:
+            del self.reg.conflicts[wd]
+            for f in rest:
+                self.reg.films[f].conflict = False
+
+    def _owners_first(self, films: list[Path], src: Path, dest: Path) -> list[Path]:
+        """Films of a moved folder, each work dir's owner before its same-stem twins: a twin handled first
+        would find nobody at the new place to share the work dir with, and be judged against its results."""
+        shared: dict[Path, int] = {}
+        for f in films:
+            shared[self.reg.films[f].work_dir] = shared.get(self.reg.films[f].work_dir, 0) + 1
+        if all(n < 2 for n in shared.values()):
+            return films
+
+        def rank(f: Path) -> int:
+            wd = self.reg.films[f].work_dir
+            if shared[wd] < 2:
+                return 0
+            return 0 if judge(read_evidence(dest / wd.relative_to(src), f.stem), f) is Owner.MINE else 1
+
+        return sorted(films, key=rank)
 
     def _film_renamed(
         self, state: FilmState, new_film: Path, lib: LibraryConfig | None, t0: float, *, dir_moved: bool = False
@@ -433,12 +521,15 @@ class Engine:
         """Same inode, same content, new name: carry the work dir along instead of recomputing."""
         old_film = state.film
         self.reg.remove(old_film)
+        self._drop_conflict(old_film, state.work_dir)
         waiting = self._migrations.pop(old_film, None)
         unconfirmed = self._unconfirmed.pop(old_film, None)
         if lib is None:
             return
+        identity = self._identity(state)
+        src_dir = None
         if waiting is not None and not dir_moved:  # renamed again before its work dir could follow
-            old_film = waiting[0]
+            old_film, src_dir = waiting.old_film, waiting.src_dir
         new_state = self._register(new_film, lib)
         new_state.stamp, new_state.inode, new_state.device = state.stamp, state.inode, state.device
         new_state.last_event = ("renamed", time.time())
@@ -457,8 +548,8 @@ class Engine:
         )
         if dir_moved:
             old_wd = new_state.work_dir
-        if os.path.lexists(old_wd) or os.path.lexists(new_state.work_dir):
-            self._migrate(old_film, new_film, t0, moved_with_folder=dir_moved)
+        if src_dir is not None or os.path.lexists(old_wd) or os.path.lexists(new_state.work_dir):
+            self._migrate(old_film, new_film, t0, moved_with_folder=dir_moved, identity=identity, src_dir=src_dir)
         self._judge_after_move(old_film, new_state, lib, t0, "renamed")
 
     def _judge_after_move(self, old_film: Path, new_state: FilmState, lib: LibraryConfig, t0: float,
@@ -500,7 +591,7 @@ class Engine:
         if verdict == "theirs":
             return
         if verdict == "mine":
-            self._migrate(src, state.film, t0)
+            self._migrate(src, state.film, t0, identity=self._identity(state))
         else:
             self._await_results(src, state, time.monotonic() + UNCONFIRMED_WAIT_S)
         self._judge_after_move(src, state, self._lib_of(state), t0, "renamed")
@@ -514,20 +605,27 @@ class Engine:
             return "theirs"
         if is_work_dir_locked(old.path):
             return "unknown"  # a pipeline is writing it: its commit mark, once written, decides
-        rec = read_stamps(old.path)
-        if rec is None:
-            meta = read_cache_metadata(old.cache_path)  # results of an upstream run carry no sidecar of ours
-            if meta is not None and meta.source_file == str(old_film) and meta.stamp == state.stamp:
+        ev = read_evidence(old.path, old_film.stem)
+        if ev is None or ev.named is None:
+            return "unknown"
+        if ev.identity is None:
+            # No commit mark of ours: results of an upstream run count if their cache names this file's
+            # stamp under the old name; anything else may still be a pipeline's unfinished work.
+            if judge(ev, old_film) is Owner.MINE and ev.cache_stamp == state.stamp:
                 return "mine"
             return "unknown"
-        if (rec.device, rec.inode) != (state.device, state.inode) or rec.video != state.stamp:
+        if judge(ev, old_film, self._identity(state)) is not Owner.MINE or ev.stamp != state.stamp:
             return "theirs"
         return "mine"
+
+    @staticmethod
+    def _identity(state: FilmState) -> Identity | None:
+        return (state.device, state.inode) if state.device is not None and state.inode is not None else None
 
     def _await_results(self, old_film: Path, state: FilmState, deadline: float) -> None:
         """Hold the move of ``old_film``'s work dir to ``state`` (and its judgement) until its results are
         known to be this film's; retried with the pending invalidations."""
-        self._migrations[state.film] = (old_film, False)
+        self._migrations[state.film] = _Move(old_film, False, None, self._identity(state))
         self._unconfirmed[state.film] = deadline
         log.info("migration_deferred", film=str(state.film), old_film=str(old_film),
                  reason="results under the old name not committed yet")
@@ -538,24 +636,43 @@ class Engine:
 
         return bool(subtitles_of(old_film, lib.subtitle_extensions))
 
-    def _migrate(self, old_film: Path, new_film: Path, t0: float, *, moved_with_folder: bool = False) -> None:
+    def _migrate(self, old_film: Path, new_film: Path, t0: float, *, moved_with_folder: bool = False,
+                 identity: Identity | None = None, src_dir: Path | None = None) -> str:
+        """Carry the work dir of ``old_film`` (at ``src_dir`` when parked) to ``new_film``, if its results
+        are that file's (``identity``). Every move of a work dir goes through here, so one ownership check
+        guards them all. Returns ``moved``, ``deferred`` (a pipeline holds a work dir; retried) or
+        ``refused`` (another film's results, or nowhere to put them: they stay where they are)."""
+        new_wd = WorkDir.for_film(new_film).path
+        src = src_dir if src_dir is not None else new_wd if moved_with_folder else WorkDir.for_film(old_film).path
         try:
-            report = migrate_work_dir(old_film, new_film, moved_with_folder=moved_with_folder)
+            if not os.path.lexists(src):
+                if os.path.lexists(new_wd) and not moved_with_folder:
+                    self._make_room(new_wd, new_film, identity)  # other results are never judged against it
+                return "refused"
+            verdict = judge(read_evidence(src, old_film.stem), old_film, identity)
+            if verdict is Owner.THEIRS or (verdict is Owner.UNKNOWN and self._claimed_by_other(src, new_film)):
+                log.info("migration_refused", film=str(new_film), old_film=str(old_film), work_dir=str(src),
+                         reason="its results are another film's")
+                return "refused"
+            if src != new_wd and os.path.lexists(new_wd) and not self._make_room(new_wd, new_film, identity):
+                raise MigrationError(f"{new_wd} holds results that are not this film's; keeping both work dirs")
+            report = migrate_work_dir(old_film, new_film, moved_with_folder=moved_with_folder, src_dir=src_dir)
             trim_heap()
         except LockBusy:
             log.info("migration_deferred", film=str(new_film), reason="work dir locked by a pipeline")
-            self._migrations[new_film] = (old_film, moved_with_folder)
+            self._migrations[new_film] = _Move(old_film, moved_with_folder, src_dir, identity)
             state = self.reg.films.get(new_film)
             if state is not None:
-                self._defer(state, "renamed", LockBusy(WorkDir.for_film(old_film).lock_path))
-            return
+                self._defer(state, "renamed", LockBusy(src / "cinecut.lock"))
+            return "deferred"
         except (MigrationError, OSError) as exc:
             log.warning("migration_skipped", film=str(new_film), old_film=str(old_film), reason=str(exc))
-            old_wd = WorkDir.for_film(old_film).path
-            if os.path.lexists(old_wd):
-                self.reg.orphans.setdefault(old_wd, time.time())
-            return
-        self.reg.orphans.pop(WorkDir.for_film(old_film).path, None)
+            if os.path.lexists(src) and src != new_wd:
+                self.reg.orphans.setdefault(src, time.time())
+            return "refused"
+        self.reg.orphans.pop(src, None)
+        if src_dir is not None:
+            self._parked = {k: v for k, v in self._parked.items() if v[0] != src_dir}
         self.reg.counters["migrations"] += 1
         log.info(
             "migrated",
@@ -565,6 +682,50 @@ class Engine:
             rewritten=report.rewritten,
             latency_ms=round((time.monotonic() - t0) * 1000, 3),
         )
+        return "moved"
+
+    def _claimed_by_other(self, wd: Path, film: Path) -> bool:
+        """Another registered film (a same-stem twin) maps to ``wd``."""
+        return any(f != film for f in self.reg.claimants(wd))
+
+    def _owner_present(self, ev: Evidence, wd: Path, film: Path) -> bool:
+        """The film that ``wd``'s results name is still there under that name (a twin of ``film``)."""
+        for f in self.reg.films_in(wd.parent):
+            other = self.reg.films[f]
+            if f == film or other.work_dir != wd or real(f) != ev.named:
+                continue
+            if ev.identity is None or ev.identity == self._identity(other):
+                return True
+        return False
+
+    def _make_room(self, wd: Path, film: Path, identity: Identity | None) -> bool:
+        """``film`` (``identity``) took a name whose work dir ``wd`` holds other results. If their file left
+        the name (deleted, moved, or hiding under a name the scan ignores), park them instead of judging
+        them against the newcomer: they go back to their file if it reappears. False (nothing moved) when
+        their owner is still there (a same-stem twin), when they may be this very file's, or when nothing in
+        them says whose they are. Raises LockBusy while a pipeline holds ``wd``."""
+        ev = read_evidence(wd, film.stem)
+        if ev is None or ev.named is None or (identity is not None and ev.identity == identity):
+            return False
+        if self._owner_present(ev, wd, film):
+            return False
+        owner = ev.identity
+        if owner is None:  # no commit mark: the file the daemon last saw under the named path, if any
+            owner = next((k for k, v in self._gone.items() if real(v[0]) == ev.named), None)
+        if owner is None:
+            return False
+        try:
+            parked = park_work_dir(wd, owner)
+        except (MigrationError, OSError) as exc:
+            log.warning("park_failed", work_dir=str(wd), error=str(exc))
+            return False
+        self._parked[owner] = (parked, Path(ev.named), time.monotonic())
+        self.reg.orphans.pop(wd, None)
+        self.reg.orphans.setdefault(parked, time.time())
+        self.reg.counters["parked"] += 1
+        log.info("parked", work_dir=str(wd), parked=str(parked), results_of=ev.named, film=str(film),
+                 reason="the file that made them left the name")
+        return True
 
     def _follow_to_twin(self, gone: FilmState) -> bool:
         """The vanished film already reappeared elsewhere (same inode and stamp, no work dir there yet):
@@ -576,7 +737,8 @@ class Engine:
         state = self.reg.films.get(twin[0])
         if state is None or os.path.lexists(state.work_dir) or not os.path.lexists(gone.work_dir):
             return False
-        self._migrate(gone.film, state.film, now)
+        if self._migrate(gone.film, state.film, now, identity=self._identity(gone)) == "refused":
+            return False
         self._judge_after_move(gone.film, state, self._lib_of(state), now, "moved")
         return True
 
@@ -585,13 +747,19 @@ class Engine:
         watches. Carry its work dir along."""
         key = (state.device or 0, state.inode or 0)
         gone = self._gone.pop(key, None)
+        parked = self._parked.pop(key, None)
         now = time.monotonic()
         self._gone = {k: v for k, v in self._gone.items() if now - v[2] < GONE_MEMORY_S}
         self._fresh = {k: v for k, v in self._fresh.items() if now - v[2] < GONE_MEMORY_S}
+        if parked is not None and os.path.lexists(parked[0]):
+            # Its results were parked when another film took its old name: hand them back.
+            if self._migrate(parked[1], state.film, now, identity=key, src_dir=parked[0]) != "refused":
+                self._judge_after_move(parked[1], state, self._lib_of(state), now, "moved")
+                return True
         if gone is not None and gone[1] == state.stamp and os.path.lexists(WorkDir.for_film(gone[0]).path):
-            self._migrate(gone[0], state.film, now)
-            self._judge_after_move(gone[0], state, self._lib_of(state), now, "moved")
-            return True
+            if self._migrate(gone[0], state.film, now, identity=key) != "refused":
+                self._judge_after_move(gone[0], state, self._lib_of(state), now, "moved")
+                return True
         # No usable memory (or a stale one: the same file moved on again since): the work dir may have
         # travelled with the film's folder, or may still follow when the old path's deletion arrives.
         if state.stamp is not None and not os.path.lexists(state.work_dir):
@@ -605,14 +773,16 @@ class Engine:
         to; if that is this very file (same device and inode) under its old path, which is gone, only the
         stored paths need rewriting."""
         recorded = read_stamps(state.work_dir)
-        if recorded is None or recorded.source_file == str(state.film) or recorded.inode is None:
+        if recorded is None or same_film_path(recorded.source_file, state.film) or recorded.inode is None:
             return False
         old_film = Path(recorded.source_file)
         if (recorded.device, recorded.inode) != (state.device, state.inode) or os.path.lexists(old_film):
             return False
         if WorkDir.for_film(old_film).path.name != state.work_dir.name:
             return False
-        self._migrate(old_film, state.film, now, moved_with_folder=True)
+        if self._migrate(old_film, state.film, now, moved_with_folder=True,
+                         identity=self._identity(state)) == "refused":
+            return False
         self._judge_after_move(old_film, state, self._lib_of(state), now, "moved")
         return True
 
@@ -629,13 +799,20 @@ class Engine:
             return None
         self.reg.counters["revalidations"] += 1
         try:
-            res = revalidate(state.film, state.subtitles)
+            res = revalidate(state.film, state.subtitles, baseline=state.baseline)
         except LockBusy as exc:
             self._defer(state, trigger, exc)
             return None
         except (OSError, ValueError) as exc:  # ValueError: e.g. a name that cannot be encoded; never fatal
             log.error("revalidation_failed", film=str(state.film), error=str(exc))
             self.reg.counters["errors"] += 1
+            if isinstance(exc, OSError):
+                wd = WorkDir.for_film(state.film)
+                where = os.fsdecode(exc.filename) if exc.filename else str(wd.path)
+                if not os.path.isabs(where):
+                    where = str(wd.path / where)
+                failed = Problem.from_exc(where, exc, "revalidation failed; nothing changed")
+                self._set_problems(state, [failed, *(p for p in access_problems(wd) if p.path != where)])
             return None
         if state.pending:
             log.info("pending_applied", film=str(state.film), reason=state.pending)
@@ -663,14 +840,15 @@ class Engine:
             self._unconfirmed.pop(film, None)
             return
         waiting = self._migrations.get(film)
-        held = state.work_dir if waiting is None or waiting[1] else WorkDir.for_film(waiting[0]).path
+        held = state.work_dir if waiting is None or waiting.with_folder else (
+            waiting.src_dir or WorkDir.for_film(waiting.old_film).path)
         if is_work_dir_locked(held):
             self._pending.add(film)
             self._push_timer(time.monotonic() + PENDING_RETRY_S, "pending", film)
             return
         deadline = self._unconfirmed.get(film)
         if waiting is not None and deadline is not None:
-            verdict = self._results_of(waiting[0], state)
+            verdict = self._results_of(waiting.old_film, state)
             if verdict == "unknown" and time.monotonic() < deadline:
                 self._pending.add(film)
                 self._push_timer(time.monotonic() + PENDING_RETRY_S, "pending", film)
@@ -681,7 +859,8 @@ class Engine:
                 waiting = None
         if waiting is not None:
             del self._migrations[film]
-            self._migrate(waiting[0], film, time.monotonic(), moved_with_folder=waiting[1])
+            self._migrate(waiting.old_film, film, time.monotonic(), moved_with_folder=waiting.with_folder,
+                          identity=waiting.identity, src_dir=waiting.src_dir)
             if film in self._migrations:  # locked again meanwhile: deferred once more
                 return
         if is_work_dir_locked(state.work_dir):
@@ -714,6 +893,7 @@ class Engine:
 
     def _apply(self, state: FilmState, res: Revalidation, t0: float, trigger: str) -> None:
         state.has_work_dir = res.exists
+        self._note_verification(state, res.verification, res.stamps, res.report is None and res.exists)
         state.refused = res.refused
         if res.refused:
             log.warning("refused", film=str(state.film), reason=res.refused)
@@ -723,6 +903,7 @@ class Engine:
             state.cache = "missing" if not os.path.lexists(WorkDir.for_film(state.film).cache_path) else "corrupt"
         else:
             state.cache = "missing"
+        self._check_health(state, res, trigger)
         rep = res.report
         if rep is None or not rep.changed_anything:
             return
@@ -738,6 +919,7 @@ class Engine:
             "stages": rep.stages_reset,
             "files_removed": len(rep.files_removed),
             "bytes_reclaimed": rep.bytes_reclaimed,
+            "salvaged": rep.salvaged,
             "latency_ms": round(latency, 3),
             "at": time.time(),
         }
@@ -752,107 +934,154 @@ class Engine:
             files_removed=len(rep.files_removed),
             bytes_reclaimed=rep.bytes_reclaimed,
             refused=rep.refused or None,
+            salvaged=f"salvaged {rep.salvaged} of {rep.salvaged_of} frames" if rep.salvaged else None,
+            salvage_error=rep.salvage_error,
             latency_ms=round(latency, 3),
         )
         if self.on_film_changed is not None:
             self.on_film_changed(state)
 
+    # ----------------------------------------------------------------- blocked films
+    def _check_health(self, state: FilmState, res: Revalidation, trigger: str) -> None:
+        """Collect what kept this revalidation from doing its whole job, and what keeps the next one from it.
+
+        With the checkpoint unreadable (upstream's 0600 file under another owner) the revalidation has no
+        witness; a proxy or cache older than the film is then enough to invalidate, which makes upstream
+        unable to resume the stale stages (``cinecut.problems``).
+        """
+        problems = list(res.report.problems) if res.report is not None else []
+        if res.refused:
+            problems.append(Problem(res.work_dir, None, f"work dir refused: {res.refused}"))
+        if res.exists and res.film_present and not res.refused:
+            wd = WorkDir.for_film(state.film)
+            access = access_problems(wd)
+            if res.report is None and state.stamp is not None and any(
+                p.path == str(wd.checkpoint_path) for p in access
+            ):
+                older = older_than_film(wd, state.stamp.mtime)
+                if older is not None:
+                    try:
+                        res.report = invalidate(wd, [Input.VIDEO], reason=f"checkpoint unreadable and {older} "
+                                                "is older than the film")
+                    except LockBusy as exc:
+                        self._defer(state, trigger, exc)
+                    except OSError as exc:  # not even the lock can be taken: reported, retried
+                        where = os.fsdecode(exc.filename) if exc.filename else str(wd.path)
+                        where = where if os.path.isabs(where) else str(wd.path / where)
+                        problems.append(Problem.from_exc(where, exc, "the film changed; nothing could be reset"))
+                    else:
+                        problems += res.report.problems
+                        access = access_problems(wd)
+            seen = {p.path for p in problems}
+            problems += [p for p in access if p.path not in seen]
+        self._set_problems(state, problems)
+
+    def _set_problems(self, state: FilmState, problems: list[Problem]) -> None:
+        """Record a film's current problems: each new one is logged once at warning level and counted."""
+        was_blocked = state.film in self.health.blocked
+        new, resolved = self.health.update(state.film, problems)
+        for p in new:
+            self.reg.counters["problems"] += 1
+            log.warning("blocked", film=str(state.film), path=p.path, errno=p.errno_name or None, reason=p.reason,
+                        action=p.action or None, remedy=remedy(p))
+        if resolved:
+            log.info("unblocked", film=str(state.film))
+        elif problems and not was_blocked:
+            self._push_timer(time.monotonic() + (self.health.next_retry(state.film) or 1.0), "blocked", state.film)
+
+    def _retry_blocked(self, film: Path) -> None:
+        state = self.reg.films.get(film)
+        if state is None:
+            self.health.forget(film)
+            return
+        if film not in self.health.blocked:
+            return
+        self._revalidate(state, time.monotonic(), "retry")
+        delay = self.health.next_retry(film)
+        if delay is not None:
+            self._push_timer(time.monotonic() + delay, "blocked", film)
+
     def _owns_work_dir(self, state: FilmState) -> bool:
         """For same-stem conflicts: the film the work dir's checkpoint or cache names is its owner."""
-        from cinecut.checkpoint import load_checkpoint
-
-        wd = WorkDir.for_film(state.film)
-        ckpt = load_checkpoint(wd.path)
-        if ckpt is not None:
-            return ckpt.source_file == str(state.film)
-        meta = read_cache_metadata(wd.cache_path)
-        return meta is not None and meta.source_file == str(state.film)
+        # An unreadable checkpoint names nobody; realpaths compared (upstream records the film's realpath).
+        return judge(read_evidence(state.work_dir, state.film.stem), state.film) is Owner.MINE
 
     # ----------------------------------------------------------------- reconcile
     def reconcile(self, reason: str) -> dict[str, Any]:
-        """Full scan of every root: the safety net under lost events, and the startup catch-up."""
-        faults.point("rescan")
-        t0 = time.monotonic()
-        c = self.reg.counters
-        c["rescans"] += 1
-        found: dict[Path, tuple[LibraryConfig, tuple[Path, ...]]] = {}
-        work_dirs: set[Path] = set()
-        scanned_roots: set[Path] = set()
-        self.reg.unreadable = []
-        for lib in self._libraries:
-            res = scan_root(lib.path, lib.video_extensions, lib.subtitle_extensions)
-            root_state = self.reg.roots.setdefault(lib.path, RootState(lib.path, lib.watch))
-            if res.missing:
-                if root_state.state != "missing":
-                    log.warning("root_missing", root=str(lib.path), detail=res.unreadable[0][1] if res.unreadable else "")
-                self._root_missing(lib.path)
-                continue
-            if root_state.state in ("missing", "unreadable"):
-                root_state.state = "pending-watch"
-            scanned_roots.add(lib.path)
-            root_state.films = len(res.films)
-            for path, why in res.unreadable:
-                self.reg.unreadable.append((str(path), why))
-            for film, subs in res.films.items():
-                found[film] = (lib, subs)
-            work_dirs |= res.work_dirs
-        # Finish migrations a crash interrupted before trusting any work dir.
-        for wd in [w for w in work_dirs if os.path.lexists(f"{w}/{JOURNAL_NAME}")]:
-            try:
-                rep = resume_migration(wd, within=lambda f: self.library_for(f) is not None)
-            except (LockBusy, MigrationError, OSError, ValueError) as exc:
-                # A pipeline holds it, or the journal names paths that make no sense here: never fatal;
-                # the work dir stays as it is (the next reconcile tries again).
-                log.warning("migration_resume_failed", work_dir=str(wd), error=str(exc))
-                self.reg.counters["errors"] += 1
-                continue
-            if rep is not None:
-                log.info("migration_resumed", film=rep.new_film, work_dir=rep.new_work_dir)
-                work_dirs.discard(wd)
-                work_dirs.add(Path(rep.new_work_dir))
-        if reason == "startup":
-            self._sweep_own_temp_files(work_dirs)
-        states: list[FilmState] = []
-        for film, (lib, subs) in found.items():
-            state = self.reg.films.get(film)
-            if state is None:
-                state = self._register(film, lib, subs)
-            state.subtitles = subs
-            states.append(state)
-        by_wd: dict[Path, list[Path]] = {}
-        for state in states:
-            by_wd.setdefault(state.work_dir, []).append(state.film)
-        conflicts = {wd: sorted(fs) for wd, fs in by_wd.items() if len(fs) > 1}
-        self.reg.conflicts = conflicts
-        conflicted = {f for fs in conflicts.values() for f in fs}
-        orphaned = work_dirs - by_wd.keys()
-        if orphaned:
-            homeless = [s for s in states if s.work_dir not in work_dirs and s.film not in conflicted]
-            if homeless:
-                self._adopt_orphans(homeless, orphaned, work_dirs)
-        for state in states:
-            state.conflict = state.film in conflicted
-            self._reconcile_film(state, t0)
-        for film in [f for f, s in self.reg.films.items() if s.root in scanned_roots and f not in found]:
-            self._film_gone(film)
-        film_work_dirs = set(by_wd)
-        self.reg.orphans = {
-            wd: self.reg.orphans.get(wd, time.time()) for wd in work_dirs if wd not in film_work_dirs
-        }
+        """A full rescan of every root, run to its end now (startup: READY means caught up).
+
+        A rescan in progress is dropped for this one (its waiters are answered by this one)."""
+        waiters: list[Callable[[dict[str, Any]], None]] = []
+        for job in (self._job, self._job_next):
+            if job is not None:
+                job.cancel()
+                waiters += job.waiters
+        self._job = self._job_next = None
+        job = ReconcileJob(self, reason, waiters)
+        self._job = job
+        try:
+            job.step(None)
+        finally:
+            self._job = None
+        return self._rescan_done(job)
+
+    def request_reconcile(self, reason: str, on_done: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Start a rescan that runs in slices between queued events (a periodic rescan, an overflow, a
+        client's request). One already running started before this request and may have passed folders
+        that changed since: a second one follows it (requests made meanwhile share it)."""
+        waiters = [on_done] if on_done is not None else []
+        if self._job is None:
+            self._job = ReconcileJob(self, reason, waiters)
+        elif self._job_next is None:
+            self._job_next = ReconcileJob(self, reason, waiters)
+        else:
+            self._job_next.waiters.extend(waiters)
+
+    def rescan_and_wait(self, reason: str, timeout: float) -> dict[str, Any]:
+        """From another thread (the control socket): ask for a rescan and wait for its summary."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def finished(summary: dict[str, Any]) -> None:
+            box["summary"] = summary
+            done.set()
+
+        self.call(lambda: self.request_reconcile(reason, finished))
+        if not done.wait(timeout):
+            raise TimeoutError("the rescan is still running; see the daemon's log for its summary")
+        return box["summary"]
+
+    @property
+    def rescanning(self) -> bool:
+        """A rescan is in progress (or asked for)."""
+        return self._job is not None or self._job_next is not None
+
+    def _step_rescan(self) -> None:
+        """One slice of the rescan in progress (a few ms); the next one starts when it ends."""
+        if self._job is None:
+            if self._job_next is None:
+                return
+            self._job, self._job_next = self._job_next, None
+        job = self._job
+        try:
+            finished = job.step(SLICE_S)
+        except Exception as exc:  # never fatal: the next rescan tries again
+            log.error("rescan_failed", reason=job.reason, error=repr(exc))
+            self.reg.counters["errors"] += 1
+            self._job = None
+            self._schedule_rescan()
+            job.finish({"reason": job.reason, "error": repr(exc)})
+            return
+        if finished:
+            self._job = None
+            self._rescan_done(job)
+
+    def _rescan_done(self, job: ReconcileJob) -> dict[str, Any]:
+        summary = job.summary or {"reason": job.reason}
         self._schedule_rescan()
-        elapsed = time.monotonic() - t0
-        summary = {
-            "reason": reason,
-            "films": len(found),
-            "orphans": len(self.reg.orphans),
-            "conflicts": len(conflicts),
-            "duration_s": round(elapsed, 4),
-        }
-        log.info("reconciled", **summary)
-        if self.config.daemon.orphans == "reclaim":
-            collect_orphans(self.reg, apply=True, min_age_days=self.config.daemon.orphan_grace_days)
         if self.on_reconciled is not None:
             self.on_reconciled()
+        job.finish(summary)
         return summary
 
     def _reconcile_film(self, state: FilmState, t0: float) -> None:
@@ -866,41 +1095,71 @@ class Engine:
         state.stamp, state.inode, state.device = stamp, st.st_ino, st.st_dev
         if state.conflict and not self._owns_work_dir(state):
             return
-        p = probe(state.film, state.subtitles, wd=state.wd, st=st)
+        p = probe(state.film, state.subtitles, wd=state.wd, st=st, baseline=state.baseline)
         state.has_work_dir = p.exists
+        self._note_verification(state, p.verification, p.stamps, not p.recorded)
         if p.needs_revalidation and p.exists and self._adopt_travelled_work_dir(state, t0):
             return  # its folder was renamed while nobody watched: paths rewritten, then revalidated
-        if p.needs_revalidation:
-            self._revalidate(state, t0, "rescan")
-        elif p.cache is not None:
+        if p.needs_revalidation or state.film in self.health.blocked:
+            self._revalidate(state, t0, "rescan")  # a blocked film is retried at every rescan too
+            return
+        if p.cache is not None:
             state.cache = "valid" if p.cache.stamp == stamp else "stale"
         else:
             state.cache = "missing" if not p.exists or not os.path.lexists(state.wd.cache_path) else "corrupt"
+        if p.exists and access_problems(state.wd or WorkDir.for_film(state.film)):
+            # Upstream files it cannot read (or a work dir it cannot write): judged in full, and shown as
+            # blocked before any change comes.
+            self._revalidate(state, t0, "rescan")
+
+    @staticmethod
+    def _note_verification(
+        state: FilmState, verification: str | None, stamps: InputStamps | None, unrecorded: bool
+    ) -> None:
+        """Remember what proves a film's stages, and the first stamps seen of a work dir with no sidecar of
+        ours: held in memory only (nothing is written into a work dir nothing changed), and used only to
+        notice a subtitle that changes or vanishes later, never to certify a stage."""
+        state.verification = None if verification is None else str(verification)
+        if verification == "recorded" or verification is None:
+            state.baseline = None
+        elif unrecorded and state.baseline is None and stamps is not None and stamps.video is not None:
+            state.baseline = stamps
 
     def _adopt_orphans(self, homeless: list[FilmState], orphaned: set[Path], work_dirs: set[Path]) -> None:
         """Films renamed or moved while nobody watched: an orphaned work dir whose stamps sidecar records
-        this very file (device, inode, stamp) under a path that is gone follows it to its new name."""
-        by_inode: dict[tuple[int | None, int], Path] = {}
+        this very file (device, inode, stamp) under a path that is gone follows it to its new name; one
+        without a sidecar follows the film whose stamp its cache names (:mod:`cinecutd.upstream_orphans`)."""
+        by_inode: dict[tuple[int | None, int], tuple[Path, Path | None]] = {}
         for wd in orphaned:
             rec = read_stamps(wd)
             if rec is None or rec.inode is None or rec.video is None:
                 continue
             old = Path(rec.source_file)
-            if WorkDir.for_film(old).path == wd and not os.path.lexists(old):
-                by_inode[(rec.device, rec.inode)] = old
-        for state in homeless if by_inode else ():
+            if is_parked_name(wd.name):  # parked when another film took its name: its file may be back
+                by_inode[(rec.device, rec.inode)] = (old, wd)
+            elif WorkDir.for_film(old).path == wd and not os.path.lexists(old):
+                by_inode[(rec.device, rec.inode)] = (old, None)
+        by_stamp = orphans_by_cache_stamp(orphaned)  # upstream's work dirs: no sidecar, the cache names it
+        for state in homeless if by_inode or by_stamp else ():
             try:
                 st = os.stat(state.film)
             except OSError:
                 continue
-            old_film = by_inode.pop((st.st_dev, st.st_ino), None)
-            if old_film is None:
-                continue
-            old_wd = WorkDir.for_film(old_film).path
-            rec = read_stamps(old_wd)
-            if rec is None or rec.video != SourceStamp.from_stat(st):
-                continue
-            self._migrate(old_film, state.film, time.monotonic())
+            found = by_inode.pop((st.st_dev, st.st_ino), None)
+            src_dir: Path | None = None
+            identity: Identity | None = None
+            if found is not None:
+                old_film, src_dir = found
+                rec = read_stamps(src_dir or WorkDir.for_film(old_film).path)
+                if rec is None or rec.video != SourceStamp.from_stat(st):
+                    continue
+                identity = (st.st_dev, st.st_ino)
+            else:
+                old_film = by_stamp.pop(SourceStamp.from_stat(st), None)
+                if old_film is None:
+                    continue
+            old_wd = src_dir or WorkDir.for_film(old_film).path
+            self._migrate(old_film, state.film, time.monotonic(), identity=identity, src_dir=src_dir)
             if not os.path.lexists(old_wd):
                 work_dirs.discard(old_wd)
                 work_dirs.add(state.work_dir)
@@ -982,7 +1241,9 @@ class Engine:
                 "stale_fixed": sum(1 for s in films if s.stale_fixed),
                 "orphaned": len(reg.orphans),
                 "conflicts": len(reg.conflicts),
+                "unverified": sum(1 for s in films if s.verification == "unverified"),
                 "copying": sum(1 for s in films if not s.settled(now, settle)),
+                "blocked": sum(1 for f in self.health.blocked if f in reg.films),
             },
             "conflicts": [{"work_dir": str(w), "films": [str(f) for f in fs]} for w, fs in reg.conflicts.items()],
             "orphans": [{"work_dir": str(w), "since": t} for w, t in sorted(reg.orphans.items())],
@@ -991,8 +1252,16 @@ class Engine:
             ],
             "unreadable": [{"path": p, "reason": r} for p, r in reg.unreadable[:50]],
             "recent_invalidations": list(reg.recent)[:20],
+            "blocked": [
+                {"film": str(f), **b.to_dict()} for f, b in list(self.health.blocked.items())[:50] if f in reg.films
+            ],
             "counters": dict(reg.counters),
         }
+
+    def _film_health(self, film: Path) -> dict[str, Any]:
+        b = self.health.get(film)
+        return {"blocked": b.text if b else None, "blocked_since": b.since if b else None,
+                "problems": [p.to_dict() for p in b.problems] if b else []}
 
     def find_film(self, query: str) -> FilmState:
         """A film by absolute path, by file name or by a unique substring of its path."""
@@ -1044,7 +1313,18 @@ class Engine:
             "conflict": state.conflict,
             "refused": state.refused,
             "stale_fixed": state.stale_fixed,
+            **self._film_health(state.film),
+            "verification": state.verification,
+            "salvage": _salvage_status(wd, current),
         }
+
+
+def _salvage_status(wd: WorkDir, current: SourceStamp | None) -> dict[str, Any] | None:
+    """Descriptions kept across a subtitle change, waiting for the next run to take them."""
+    store = read_salvage(wd.path)
+    if store is None or not store.usable_for(current):
+        return None
+    return {"frames": len(store.frames), "of": store.of}
 
 
 __all__ = ["Engine", "FsEvent"]

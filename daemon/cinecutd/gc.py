@@ -4,6 +4,11 @@ A work dir whose film was deleted or moved out of the libraries is kept and repo
 lists the regenerable data in it (cache, partial, proxy, keyframes, timestamps, our sidecars and temp
 files); ``--apply`` deletes exactly that, through the stage graph's symlink-proof code, and removes the
 directory only if nothing else (a manifest the user edited, an unknown file) is left in it.
+
+Only a folder that is provably a work dir is ever touched: one with a valid upstream checkpoint, a valid
+SceneDescription cache, or our stamps sidecar naming a film ``<parent>/<stem>.<ext>`` that matches the
+folder's name. A user's own folder that merely looks like one (``Holiday_cinecut_work/`` holding
+``Holiday_proxy.mp4`` and a ``keyframes/`` folder) is listed as not recognised and never touched.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ from typing import Any
 import structlog
 
 from cinecut import safefs
-from cinecut.locks import LockBusy, work_dir_lock
+from cinecut.checkpoint import read_checkpoint_at
+from cinecut.inference.cache import MAX_CACHE_BYTES, decode_cache
+from cinecut.locks import HOLDER_SUFFIX, LockBusy, work_dir_lock
 from cinecut.stages import STAGES, ArtifactKind, InvalidationReport, invalidate_at
+from cinecut.stamps import read_stamps_at
 from cinecut.workdir import (
     KEYFRAME_RE,
     KEYFRAMES_DIR_NAME,
@@ -31,7 +39,8 @@ from cinecutd.registry import Registry
 
 log = structlog.get_logger("cinecutd")
 
-_OUR_FILES = (STAMPS_NAME, "cinecut_migration.json")
+_OUR_FILES = (STAMPS_NAME, "cinecut_migration.json", LOCK_NAME + HOLDER_SUFFIX)
+NOT_RECOGNISED = "not recognised as a work dir (no valid checkpoint, cache or stamps sidecar): never touched"
 _TEMP_SUFFIXES = (".ckpt.tmp", ".cache.tmp", ".stamps.tmp", ".journal.tmp")
 
 
@@ -43,10 +52,14 @@ class OrphanReport:
     kept: list[str] = field(default_factory=list)
     removed_dir: bool = False
     error: str | None = None
+    recognised: bool = True  # False: not provably a work dir, so nothing in it is ours to delete
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "work_dir": self.work_dir,
+            "recognised": self.recognised,
+            "note": self.note,
             "reclaimable": self.reclaimable,
             "bytes": self.bytes,
             "kept": self.kept,
@@ -82,12 +95,33 @@ def _survey(fd: int, wd: WorkDir, report: OrphanReport) -> None:
             report.kept.append(name)
 
 
+def why_ours(fd: int, wd: WorkDir) -> str | None:
+    """What proves the folder open at ``fd`` is a work dir (upstream's or ours); None if nothing does."""
+    if read_checkpoint_at(fd).checkpoint is not None:
+        return "upstream checkpoint"
+    try:
+        decode_cache(safefs.read_bounded(fd, wd.cache_name, MAX_CACHE_BYTES))
+        return "SceneDescription cache"
+    except (OSError, ValueError):
+        pass
+    stamps = read_stamps_at(fd)
+    if stamps is not None:
+        film = Path(stamps.source_file)
+        if film.is_absolute() and film.parent == wd.path.parent and film.stem == wd.stem and film.suffix:
+            return "stamps sidecar"
+    return None
+
+
 def collect_orphan(work_dir: Path, *, apply: bool) -> OrphanReport:
-    """Survey (and with ``apply``, reclaim) one orphaned work dir."""
-    wd = WorkDir(work_dir.parent / stem_of_work_dir(work_dir.name), work_dir)
+    """Survey (and with ``apply``, reclaim) one orphaned work dir; a folder not provably one is left alone."""
+    # The film is gone; any extension gives the right stem (a bare stem would lose everything after a dot).
+    wd = WorkDir(work_dir.parent / f"{stem_of_work_dir(work_dir.name)}.gone", work_dir)
     report = OrphanReport(str(work_dir))
     try:
         with safefs.work_dir_fd(work_dir) as fd:
+            if why_ours(fd, wd) is None:
+                report.recognised, report.note = False, NOT_RECOGNISED
+                return report
             _survey(fd, wd, report)
             if not apply:
                 return report
@@ -130,7 +164,9 @@ def collect_orphans(reg: Registry, *, apply: bool, min_age_days: float = 0.0) ->
             continue
         rep = collect_orphan(work_dir, apply=apply)
         out.append(rep)
-        if apply and rep.error is None:
+        if not rep.recognised:
+            log.debug("orphan_not_recognised", work_dir=str(work_dir))
+        elif apply and rep.error is None:
             reg.counters["bytes_reclaimed"] += rep.bytes
             log.info("orphan_reclaimed", work_dir=str(work_dir), bytes_reclaimed=rep.bytes, kept=rep.kept or None)
             if rep.removed_dir:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cinecut.stamp import SourceStamp
+from cinecut.stamps import InputStamps
 from cinecut.workdir import WorkDir
 
 
@@ -39,6 +40,8 @@ class FilmState:
     stale_fixed: int = 0
     conflict: bool = False
     refused: str | None = None
+    verification: str | None = None  # what proves its stages' film: recorded | cache | proxy | unverified | nothing
+    baseline: InputStamps | None = None  # stamps first seen of a work dir without our sidecar (detects, never certifies)
     wd: WorkDir | None = None
     folder: Path | None = None  # film.parent, computed once (pathlib objects are costly at 10,000 films)
 
@@ -67,6 +70,9 @@ class Registry:
 
     films: dict[Path, FilmState] = field(default_factory=dict)
     by_folder: dict[Path, set[Path]] = field(default_factory=dict)
+    #: Films by the work dir they map to (two when same-stem twins share one): claims found in O(1),
+    #: never by scanning a folder's films, which is quadratic in a flat library.
+    by_work_dir: dict[Path, set[Path]] = field(default_factory=dict)
     orphans: dict[Path, float] = field(default_factory=dict)  # work dir -> first seen orphaned (wall)
     conflicts: dict[Path, list[Path]] = field(default_factory=dict)
     roots: dict[Path, RootState] = field(default_factory=dict)
@@ -76,8 +82,12 @@ class Registry:
     started_at: float = field(default_factory=time.time)
 
     def add(self, state: FilmState) -> FilmState:
+        old = self.films.get(state.film)
+        if old is not None and old is not state:
+            self.remove(state.film)
         self.films[state.film] = state
         self.by_folder.setdefault(state.folder, set()).add(state.film)
+        self.by_work_dir.setdefault(state.work_dir, set()).add(state.film)
         return state
 
     def remove(self, film: Path) -> FilmState | None:
@@ -88,10 +98,19 @@ class Registry:
                 folder.discard(film)
                 if not folder:
                     del self.by_folder[state.folder]
+            claim = self.by_work_dir.get(state.work_dir)
+            if claim is not None:
+                claim.discard(film)
+                if not claim:
+                    del self.by_work_dir[state.work_dir]
         return state
 
     def films_in(self, folder: Path) -> set[Path]:
         return self.by_folder.get(folder, set())
+
+    def claimants(self, work_dir: Path) -> set[Path]:
+        """The registered films whose work dir is ``work_dir``."""
+        return self.by_work_dir.get(work_dir, set())
 
     def films_under(self, prefix: Path) -> list[Path]:
         """Films whose path is inside ``prefix`` (a moved or deleted folder)."""

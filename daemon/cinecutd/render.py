@@ -160,7 +160,8 @@ def render_status(result: Mapping[str, Any], console: Console) -> None:
     console.print()
     f = _map(result.get("films"))
     parts = [("total", "total"), ("warm", "warm"), ("cold", "cold"), ("stale_fixed", "stale-fixed"),
-             ("orphaned", "orphaned"), ("conflicts", "same-stem conflicts"), ("copying", "copying")]
+             ("orphaned", "orphaned"), ("conflicts", "same-stem conflicts"), ("copying", "copying"),
+             ("blocked", "blocked")]
     line = Text("Films: ", style="bold")
     line.append("  ".join(f"{count(f.get(k))} {label}" for k, label in parts if k in f) or "?")
     console.print(line)
@@ -186,6 +187,16 @@ def render_status(result: Mapping[str, Any], console: Console) -> None:
         console.print(t)
         console.print(Text(f"{human_bytes(total)} in orphaned work dirs; `cinecutd gc` shows what "
                            "`cinecutd gc --apply` would delete", style="dim"))
+
+    blocked = _list(result.get("blocked"))
+    if blocked:
+        console.print()
+        t = _table("film", "why, and the remedy", "since", title=f"Blocked films ({len(blocked)})")
+        for b in blocked:
+            b = _map(b)
+            t.add_row(Text(clean(b.get("film", "?"))), Text(clean(b.get("blocked", "?")), style="red"),
+                      Text(when(b.get("since"))))
+        console.print(t)
 
     console.print()
     pending = _list(result.get("pending"))
@@ -274,8 +285,20 @@ def render_film(result: Mapping[str, Any], console: Console) -> None:
     if cache.get("path"):
         cell.append(f"  {clean(cache.get('path'))}")
     g.add_row("Cache", cell)
-    g.add_row("Stages complete", Text(brief(result.get("stages_complete")) if result.get("stages_complete")
-                                      else "none"))
+    if result.get("stages_complete"):
+        stages = brief(result.get("stages_complete"))
+    elif result.get("checkpoint") == "unreadable":
+        stages = f"unknown (checkpoint unreadable: {clean(result.get('checkpoint_reason') or '?')})"
+    else:
+        stages = "none"
+    g.add_row("Stages complete", Text(stages))
+    if result.get("blocked"):
+        g.add_row("Blocked", Text(clean(result.get("blocked")), style="red"))
+        for p in _list(result.get("problems")):
+            p = _map(p)
+            code = f" ({clean(p.get('errno'))})" if p.get("errno") else ""
+            done = f" -> {clean(p.get('action'))}" if p.get("action") else ""
+            g.add_row("", Text(f"{clean(p.get('path', '?'))}: {clean(p.get('reason', '?'))}{code}{done}"))
     g.add_row("Checkpoint", _state(result.get("checkpoint", "?")))
     g.add_row("Subtitles", Text(brief(result.get("subtitles")) if result.get("subtitles") else "none"))
     ev = result.get("last_event")
@@ -285,7 +308,24 @@ def render_film(result: Mapping[str, Any], console: Console) -> None:
         g.add_row("Last event", Text("none since the daemon started"))
     g.add_row("Pending", Text(brief(result.get("pending")) if result.get("pending") else "none"))
     g.add_row("Pre-warm", Text(brief(result.get("prewarm"))))
+    salvage = salvage_line(result)
+    if salvage:
+        g.add_row("Salvage", Text(salvage))
     console.print(g)
+
+
+def salvage_line(result: Mapping[str, Any]) -> str | None:
+    """``salvaged N of M frames``: descriptions kept across a subtitle change (running, waiting, or last)."""
+    pw = _map(result.get("prewarm"))
+    cur, last, store = _map(pw.get("current")), _map(pw.get("last")), _map(result.get("salvage"))
+    if _num(cur.get("salvaged")) is not None:
+        return f"salvaged {count(cur.get('salvaged'))} of {count(cur.get('total'))} frames (pre-warm running)"
+    if store:
+        return (f"{count(store.get('frames'))} descriptions of {count(store.get('of'))} frames kept after a "
+                "subtitle change; the next run describes only new frames")
+    if _num(last.get("frames_salvaged")):
+        return f"salvaged {count(last.get('frames_salvaged'))} of {count(last.get('frames'))} frames (last pre-warm)"
+    return None
 
 
 def render_gc(result: Mapping[str, Any], console: Console) -> None:
@@ -302,6 +342,8 @@ def render_gc(result: Mapping[str, Any], console: Console) -> None:
         if o.get("error"):
             errors += 1
             note = f"error: {clean(o['error'])}"
+        elif o.get("recognised") is False:
+            note = clean(o.get("note") or "not recognised: never touched")
         elif o.get("removed_dir"):
             removed_dirs += 1
             note = "directory removed"

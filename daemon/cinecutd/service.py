@@ -23,6 +23,7 @@ from cinecutd.config import EX_CONFIG, Config, ConfigError, load_config
 from cinecutd.control import ControlError, ControlServer, ControlSocketError, Router
 from cinecutd.engine import Engine
 from cinecutd.gc import collect_orphans
+from cinecutd.instance import EX_ALREADY_RUNNING, AlreadyRunning, take_instance_lock
 from cinecutd.logs import configure_logging
 from cinecutd.memory import trim_heap
 from cinecutd.sdnotify import Notifier
@@ -68,7 +69,7 @@ class Daemon:
             return result
 
         def rescan() -> dict[str, Any]:
-            return eng.call(lambda: eng.reconcile("requested"), timeout=120.0)
+            return eng.rescan_and_wait("requested", timeout=120.0)  # runs in slices: events go on meanwhile
 
         def gc(apply: bool = False) -> dict[str, Any]:
             reports = eng.call(lambda: collect_orphans(eng.reg, apply=apply), timeout=120.0)
@@ -174,6 +175,7 @@ class Daemon:
 
     def _periodic(self) -> None:
         now = time.monotonic()
+        self.watchers.check()  # a watch whose thread died is replaced at once (root shown as degraded)
         if now - self._last_ping >= 0.5:
             self.notifier.watchdog()
             self._last_ping = now
@@ -212,11 +214,11 @@ class Daemon:
                         detail="unmounted, mounted or replaced; watching it afresh and rescanning")
             back = [r for r in back if r not in replaced]
             self.watchers.ensure(self.config.libraries)  # watch first, then look: nothing falls in between
-            self.engine.reconcile("root replaced")
+            self.engine.request_reconcile("root replaced")
         if back or gone or replaced:
             if back:
                 log.info("root_available", roots=[str(r) for r in back])
-                self.engine.reconcile("root available")
+                self.engine.request_reconcile("root available")
             self.watchers.ensure(self.config.libraries)
 
     def reload(self) -> None:
@@ -302,7 +304,19 @@ def run_daemon(config: Config) -> int:
     except ValueError as exc:
         print(f"cinecutd: {config.path}: daemon.log_level: {exc}", flush=True)
         return EX_CONFIG
-    return Daemon(config).run()
+    # First of all, before any watch, scan or write: one daemon per control socket.
+    try:
+        instance = take_instance_lock(config.control.socket)
+    except AlreadyRunning as exc:
+        log.error("already_running", socket=str(config.control.socket), error=str(exc))
+        return EX_ALREADY_RUNNING
+    except OSError as exc:
+        log.error("instance_lock_failed", socket=str(config.control.socket), error=str(exc))
+        return 1
+    try:
+        return Daemon(config).run()
+    finally:
+        instance.release()
 
 
 def main_for_tests(config_path: Path) -> int:

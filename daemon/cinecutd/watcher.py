@@ -3,6 +3,11 @@
 Watcher threads do nothing but translate watchdog events into engine events; every decision is the
 engine's. Events from inside work dirs are dropped at the first line (watchdog cannot exclude a
 subtree from a recursive inotify watch; in polling mode work dirs are never even listed).
+
+A watch thread that dies (an exception in watchdog's code, a reader that stopped) is noticed by
+:meth:`Watchers.check`, which the main loop calls: the root shows as ``degraded`` with the reason, the
+journal gets an error, a rescan catches up what was missed, and the watch is started afresh (inotify
+once more, then polling for good). No walk here recurses: a folder chain of any depth is watched.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ import inspect
 import logging
 import os
 import stat
+import threading
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +40,9 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.polling import PollingObserverVFS
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingEmitter
+from watchdog.utils.dirsnapshot import DirectorySnapshot
 
 from cinecutd import inotify_pruned
 
@@ -41,7 +51,7 @@ try:  # watchdog >= 5 reports a bare mtime change (utime, rsync, Radarr's "chang
 except ImportError:  # older watchdog reports IN_ATTRIB as "modified"
     FileAttribEvent = None  # type: ignore[assignment,misc]
 
-from cinecut.workdir import WORK_DIR_SUFFIX
+from cinecut.workdir import in_work_dir, is_work_dir_name
 from cinecutd.config import LibraryConfig
 from cinecutd.engine import Engine
 
@@ -87,8 +97,9 @@ INOTIFY_LIMIT_HINT = (
 class _Forwarder(FileSystemEventHandler):
     """Posts relevant watchdog events to the engine; cheap filters only."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, root: str | None = None) -> None:
         self.engine = engine
+        self.root = root
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         kind = event.event_type
@@ -96,7 +107,7 @@ class _Forwarder(FileSystemEventHandler):
             return
         src = os.fsdecode(event.src_path)
         dest = os.fsdecode(event.dest_path) if getattr(event, "dest_path", "") else None
-        if WORK_DIR_SUFFIX in src and (dest is None or WORK_DIR_SUFFIX in dest):
+        if in_work_dir(src, self.root) and (dest is None or in_work_dir(dest, self.root)):
             return
         if event.is_directory and kind == "modified":
             return
@@ -108,9 +119,62 @@ def _filtered_scandir(path: str | None) -> Iterator[os.DirEntry[str]]:
     with os.scandir(path) as it:
         for entry in it:
             name = entry.name
-            if name.startswith(".") or name.endswith(WORK_DIR_SUFFIX):
+            if name.startswith(".") or (is_work_dir_name(name) and entry.is_dir(follow_symlinks=False)):
                 continue
             yield entry
+
+
+class _Snapshot(DirectorySnapshot):
+    """watchdog's snapshot with an iterative walk that visits each folder once: its own walk recurses
+    once per level (``RecursionError`` past ~1,000 levels) and has no defence against a bind-mount loop."""
+
+    def walk(self, root: str) -> Iterator[tuple[str, os.stat_result]]:
+        try:
+            st = self.stat(root)
+            seen = {(st.st_dev, st.st_ino)}
+        except OSError:
+            seen = set()
+        stack = [root]
+        while stack:
+            folder = stack.pop()
+            try:
+                paths = [os.path.join(folder, entry.name) for entry in self.listdir(folder)]
+            except OSError as exc:
+                # As watchdog's: a folder gone or replaced meanwhile reads as empty, an unreadable
+                # sub-folder is skipped, any other failure of the listing fails the snapshot.
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EINVAL):
+                    continue
+                if folder is not root and isinstance(exc, PermissionError):
+                    continue
+                raise
+            subdirs = []
+            for path in paths:
+                try:
+                    st = self.stat(path)
+                except OSError:
+                    continue
+                yield path, st
+                if self.recursive and stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    subdirs.append(path)
+            stack.extend(reversed(subdirs))
+
+
+class _PollingEmitter(PollingEmitter):
+    """watchdog's polling emitter, taking :class:`_Snapshot` snapshots."""
+
+    def __init__(self, *args: Any, stat: Callable[[str], os.stat_result], listdir: Any, **kwargs: Any) -> None:
+        super().__init__(*args, stat=stat, listdir=listdir, **kwargs)
+        self._take_snapshot = lambda: _Snapshot(
+            self.watch.path, recursive=self.watch.is_recursive, stat=stat, listdir=listdir
+        )
+
+
+class PollingObserver(BaseObserver):
+    """A polling observer with a custom ``stat``/``listdir`` whose walks never recurse."""
+
+    def __init__(self, stat: Callable[[str], os.stat_result], listdir: Any, *, polling_interval: float) -> None:
+        super().__init__(partial(_PollingEmitter, stat=stat, listdir=listdir), timeout=polling_interval)
 
 
 def _poll_stat(root: str) -> Callable[[str], os.stat_result]:
@@ -171,7 +235,15 @@ class _OverflowHook(logging.Handler):
 class _Watch:
     library: LibraryConfig
     observer: Any
-    mode: str
+    mode: str  # inotify | poll | poll-fallback
+    failures: list[float] = field(default_factory=list)  # monotonic times this root's watch died
+
+
+#: A root whose inotify watch died this many times within ``FAILURE_WINDOW_S`` is polled for good.
+MAX_INOTIFY_RESTARTS = 1
+FAILURE_WINDOW_S = 600.0
+#: Root states in which a root is being watched (``degraded``: a watch died and was replaced).
+WATCHED_STATES = ("watching", "poll-fallback", "degraded")
 
 
 def _shorten_move_pairing() -> None:
@@ -189,8 +261,13 @@ def _shorten_move_pairing() -> None:
         cls.delay = MOVE_PAIRING_S
 
 
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
 class Watchers:
-    """One observer per library root; roots that are missing are retried by :meth:`ensure`."""
+    """One observer per library root; roots that are missing are retried by :meth:`ensure`; watches whose
+    threads died are replaced by :meth:`check`."""
 
     def __init__(self, engine: Engine) -> None:
         _shorten_move_pairing()
@@ -198,6 +275,20 @@ class Watchers:
         self._watches: dict[Path, _Watch] = {}
         self._hook = _OverflowHook(engine)
         logging.getLogger("watchdog").addHandler(self._hook)
+        self._failures: dict[Path, list[float]] = {}
+        # Why a thread died, recorded by the thread excepthook (watchdog's threads print and vanish).
+        self._thread_errors: dict[int, str] = {}
+        self._prev_excepthook = threading.excepthook
+        threading.excepthook = self._thread_died
+
+    def _thread_died(self, args: Any) -> None:
+        thread = args.thread
+        if thread is not None and args.exc_value is not None:
+            self._thread_errors[id(thread)] = _describe(args.exc_value)
+            log.error("watch_thread_died", thread=thread.name, error=_describe(args.exc_value))
+            self.engine.queue.put(None)  # wake the loop: check() replaces the watch now
+            return
+        self._prev_excepthook(args)
 
     def ensure(self, libraries: tuple[LibraryConfig, ...] | list[LibraryConfig]) -> None:
         """Start watches for roots that lack one, stop those whose root left the config or vanished."""
@@ -211,18 +302,55 @@ class Watchers:
                 self._start(lib)
         for root, w in self._watches.items():
             state = self.engine.reg.roots.get(root)
-            if state is not None and state.state not in ("watching", "poll-fallback"):
+            if state is not None and state.state not in WATCHED_STATES:
                 state.state = "poll-fallback" if w.mode == "poll-fallback" else "watching"
                 state.watch = "inotify" if w.mode == "inotify" else "poll"
 
-    def _start(self, lib: LibraryConfig) -> None:
+    def check(self) -> None:
+        """Replace every watch whose threads died (cheap: a few ``is_alive`` per root; called by the loop)."""
+        for root, w in list(self._watches.items()):
+            why = self._failure(w.observer)
+            if why is None or not os.path.isdir(root):
+                continue  # a vanished root stops its watch by design; ensure() deals with it
+            self._replace(root, w, why)
+
+    def _failure(self, observer: Any) -> str | None:
+        """Why ``observer`` no longer delivers events, or None while it does."""
+        threads = [observer, *getattr(observer, "emitters", ())]
+        for t in threads:
+            if not t.is_alive():
+                return self._thread_errors.pop(id(t), None) or f"{t.name} stopped"
+        failure = getattr(observer, "failure", None)
+        if failure is not None:
+            why = failure()
+            if why is not None:
+                return why
+        return None
+
+    def _replace(self, root: Path, w: _Watch, why: str) -> None:
+        now = time.monotonic()
+        failures = [t for t in self._failures.get(root, []) if now - t < FAILURE_WINDOW_S] + [now]
+        self._failures[root] = failures
+        self._stop(root)
+        poll = w.mode != "inotify" or len(failures) > MAX_INOTIFY_RESTARTS
+        action = "polling instead" if poll and w.mode == "inotify" else "watch restarted"
+        log.error("watch_failed", root=str(root), mode=w.mode, error=why, action=action)
+        self._start(w.library, force_poll=poll)
+        state = self.engine.reg.roots.get(root)
+        if state is not None and root in self._watches:
+            state.state = "degraded"
+            state.detail = f"the {w.mode} watch failed ({why}); {action}"
+        # Events may have been lost while the watch was dead: look at the root again.
+        self.engine.post_event("resync", str(root), None, True)
+
+    def _start(self, lib: LibraryConfig, *, force_poll: bool = False) -> None:
         state = self.engine.reg.roots.get(lib.path)
-        mode = lib.watch
+        mode = "poll-fallback" if force_poll and lib.watch == "inotify" else lib.watch
         observer: Any = None
         if mode == "inotify":
             try:
                 observer = inotify_pruned.PrunedInotifyObserver() if inotify_pruned.AVAILABLE else Observer()
-                _schedule(observer, _Forwarder(self.engine), str(lib.path))
+                _schedule(observer, _Forwarder(self.engine, str(lib.path)), str(lib.path))
                 observer.start()
                 if watch_limit_reached(str(lib.path)):
                     # watchdog >= 5 skips the sub-folders it cannot watch without a word.
@@ -238,24 +366,33 @@ class Watchers:
                     if state is not None:
                         state.state, state.detail = "unreadable", str(exc)
                     return
+            except Exception as exc:  # a bug in the watch code (an old watchdog's recursive walk): poll
+                _stop_quietly(observer)
+                observer = None
+                log.error("watch_failed", root=str(lib.path), mode="inotify", error=_describe(exc),
+                          action="polling instead")
+                mode = "poll-fallback"
+                if state is not None:
+                    state.state, state.detail = "degraded", f"the inotify watch failed ({_describe(exc)}); polling"
         if observer is None:
-            observer = PollingObserverVFS(
+            observer = PollingObserver(
                 _poll_stat(os.path.normpath(lib.path)), _filtered_scandir, polling_interval=lib.poll_interval
             )
-            _schedule(observer, _Forwarder(self.engine), str(lib.path))
+            _schedule(observer, _Forwarder(self.engine, str(lib.path)), str(lib.path))
             try:
                 observer.start()
-            except OSError as exc:  # the first snapshot failed (root unreadable or gone meanwhile)
+            except Exception as exc:  # the first snapshot failed (root unreadable or gone meanwhile)
                 _stop_quietly(observer)
-                log.error("watch_failed", root=str(lib.path), error=str(exc))
+                log.error("watch_failed", root=str(lib.path), error=_describe(exc))
                 if state is not None:
                     state.state, state.detail = "unreadable", str(exc)
                 return
         self._watches[lib.path] = _Watch(lib, observer, mode)
         if state is not None:
-            state.state = "poll-fallback" if mode == "poll-fallback" else "watching"
             state.watch = "poll" if mode != "inotify" else "inotify"
-            state.detail = INOTIFY_LIMIT_HINT if mode == "poll-fallback" else ""
+            if state.state != "degraded":
+                state.state = "poll-fallback" if mode == "poll-fallback" else "watching"
+                state.detail = INOTIFY_LIMIT_HINT if mode == "poll-fallback" else ""
         log.info("watching", root=str(lib.path), mode=mode)
 
     def restart(self, root: Path) -> None:
@@ -271,6 +408,8 @@ class Watchers:
         for root in list(self._watches):
             self._stop(root)
         logging.getLogger("watchdog").removeHandler(self._hook)
+        if threading.excepthook == self._thread_died:
+            threading.excepthook = self._prev_excepthook
 
 
 def _stop_quietly(observer: Any) -> None:

@@ -85,6 +85,7 @@ class Job:
     total: int = 0
     fps: float = 0.0
     cache_hit: bool = False
+    salvaged: int | None = None  # frames of the plan kept from before a subtitle change, once known
     done_event: dict[str, Any] | None = None
     last_progress_log: float = 0.0
 
@@ -98,6 +99,7 @@ class Job:
             "eta_s": eta,
             "pid": self.proc.pid,
             "stage": self.stage,
+            "salvaged": self.salvaged,
             "yielded": self.proc.yielded,
             "stopping": self.proc.stop_reason,
             "device": self.device,
@@ -116,7 +118,7 @@ def build_worker_argv(python: str, film: Path, pw: PrewarmConfig) -> list[str]:
     argv = [
         python, "-m", WORKER_MODULE, "--film", str(film), "--model", str(pw.model), "--mmproj", str(pw.mmproj),
         "--n-gpu-layers", str(pw.n_gpu_layers), "--n-ctx", str(pw.n_ctx), "--max-tokens", str(pw.max_tokens),
-        "--gpu-lock", str(pw.gpu_lock),
+        "--gpu-lock", str(pw.gpu_lock), "--parallel", str(pw.parallel),
     ]
     if pw.vibe:
         argv += ["--vibe", pw.vibe]
@@ -431,6 +433,11 @@ class PrewarmScheduler:
                              fps=round(job.fps, 3))
             elif kind == "cache_hit":
                 job.cache_hit = True
+            elif kind == "salvaged":
+                job.salvaged = _int(ev.get("salvaged"), 0)
+                job.total = _int(ev.get("total"), job.total)
+                log.info("prewarm_salvaged", film=str(job.film), salvaged=job.salvaged, total=job.total,
+                         summary=f"salvaged {job.salvaged} of {job.total} frames")
             elif kind == "yielded":
                 log.info("prewarm_yielded", film=str(job.film), done=job.done, total=job.total,
                          reason="an interactive run asked for the GPU")
@@ -456,7 +463,8 @@ class PrewarmScheduler:
         ev = job.done_event or {}
         if ex.outcome == "done":
             record.update(frames=_int(ev.get("records"), job.total), frames_computed=_int(ev.get("frames_computed"), 0),
-                          cache=ev.get("cache"), cache_hit=job.cache_hit)
+                          cache=ev.get("cache"), cache_hit=job.cache_hit,
+                          frames_salvaged=_int(ev.get("frames_salvaged"), job.salvaged or 0))
             if state is not None:
                 self.engine._revalidate(state, time.monotonic(), "prewarmed")
                 if state.cache != "valid":
@@ -477,7 +485,7 @@ class PrewarmScheduler:
                 fps = computed / duration if duration > 0 else 0.0
                 log.info("prewarm_done", film=str(film), frames=record["frames"], frames_computed=computed,
                          fps=round(job.fps or fps, 3), duration_s=round(duration, 3), cache_hit=job.cache_hit,
-                         device=job.device)
+                         frames_salvaged=record["frames_salvaged"], device=job.device)
             else:
                 record["outcome"] = "discarded"
                 log.info("prewarm_discarded", film=str(film), reason="the film changed or vanished")

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from cinecut import fresh, safefs
+
 #: Exit codes of ``python -m cinecut.worker``.
 EXIT_DONE: Final = 0
 EXIT_FAILED: Final = 1
@@ -133,8 +135,9 @@ class WorkerProcess:
         env = dict(os.environ if self._env is None else self._env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         launcher = [sys.executable, "-c", _LAUNCHER, str(os.getpid())]
-        # O_NOFOLLOW: a log path swapped for a symlink is refused, never written through.
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        # A log name that is a symlink, a hard link or not ours is replaced by a new file, never written through.
+        with safefs.dir_fd(self.log_path.parent, follow_last=True) as log_dir:
+            fd = fresh.open_append(log_dir, self.log_path.name, tmp_suffix=".log.tmp", mode=0o640)
         with open(fd, "ab", buffering=0) as err:
             os.fchmod(err.fileno(), 0o640)
             self.proc = subprocess.Popen(
