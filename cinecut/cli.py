@@ -267,6 +267,7 @@ def status_report(film: str | os.PathLike[str]) -> dict[str, Any]:
         return report
     locked = is_work_dir_locked(wd)
     report["locked_by"] = work_dir_lock(wd, purpose="status").holder() if locked else None
+    report["twin_owner"] = _twin_owner(wd)
     pr = probe(f, subs)
     report["needs_revalidation"] = pr.needs_revalidation
     recorded = read_stamps(wd.path)
@@ -307,6 +308,18 @@ def status_report(film: str | os.PathLike[str]) -> dict[str, Any]:
     return report
 
 
+def _twin_owner(wd: Any) -> str | None:
+    """The same-stem twin whose results the work dir holds (None: this film's, or nobody's)."""
+    from cinecut import safefs
+    from cinecut.twins import twin_owner_at
+
+    try:
+        with safefs.work_dir_fd(wd.path) as fd:
+            return twin_owner_at(fd, wd)
+    except OSError:
+        return None
+
+
 def _render_status(rep: dict[str, Any], out: Console) -> None:
     def line(label: str, text: str) -> None:
         out.print(f"{label:<12}{text}", markup=False)
@@ -322,6 +335,8 @@ def _render_status(rep: dict[str, Any], out: Console) -> None:
     line("Work dir:", rep["work_dir"] + ("" if rep["work_dir_exists"] else " (not created yet)"))
     if not rep["work_dir_exists"]:
         return
+    if rep.get("twin_owner"):
+        line("Owner:", f"{rep['twin_owner']} (a same-stem twin; `cinecut analyze --take-over` resets it for this film)")
     if rep["locked_by"] is not None:
         holder = rep["locked_by"] or {}
         line("Lock:", f"held by {holder.get('purpose', 'a pipeline')} (pid {holder.get('pid', '?')})")

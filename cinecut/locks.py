@@ -113,8 +113,11 @@ class FileLock:
     def release(self) -> None:
         """Drop the lock (idempotent). The file stays: deleting it would race with other openers."""
         if self._fd is not None and self._announced:
-            self._in_dir(lambda d: safefs.unlink_regular(d, self._holder_name))  # while still held
             self._announced = False
+            try:
+                self._in_dir(lambda d: safefs.unlink_regular(d, self._holder_name))  # while still held
+            except Exception:  # also from __del__ at interpreter exit; the note is a courtesy
+                pass
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)

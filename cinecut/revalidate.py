@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,35 +115,46 @@ def assess(
             a.changed.add(Input.SUBTITLE)
             a.reasons.append(why)
         return a
-    if checkpoint is None:
-        checkpoint = read_checkpoint_at(dir_fd)
-    ckpt = checkpoint.checkpoint
-    stages = ckpt.stages_complete if ckpt is not None else []
+    read: list[CheckpointRead | None] = [checkpoint]
+
+    def stages() -> list[str]:
+        """The checkpoint's completed stages, read only when a decision needs them (rescans of a warm
+        upstream library never do: the cache decides)."""
+        if read[0] is None:
+            read[0] = read_checkpoint_at(dir_fd)
+        ckpt = read[0].checkpoint
+        return ckpt.stages_complete if ckpt is not None else []
+
     if meta is not None:
         a.verification = Verification.CACHE
-    elif stages and video is not None:
+    elif video is not None and stages():
         _judge_by_proxy(dir_fd, wd, video, a, gather)
-    if "subtitles" in stages:
-        _judge_subtitles_unrecorded(dir_fd, wd, current, baseline, a)
+    if baseline is not None or current.subtitles:
+        _judge_subtitles_unrecorded(dir_fd, wd, current, baseline, a, stages)
     return a
 
 
 def _judge_subtitles_unrecorded(
-    dir_fd: int, wd: WorkDir, current: InputStamps, baseline: InputStamps | None, a: Assessment
+    dir_fd: int,
+    wd: WorkDir,
+    current: InputStamps,
+    baseline: InputStamps | None,
+    a: Assessment,
+    stages: Callable[[], list[str]],
 ) -> None:
     """Subtitle stages with no record of the subtitles they read: a subtitle written after the checkpoint,
     or one that changed or vanished since the caller last looked, makes them stale."""
+    why = ""
     if baseline is not None:
         same, why = subtitles_unchanged(baseline, current, wd.film.parent)
-        if not same:
-            a.changed.add(Input.SUBTITLE)
-            a.reasons.append(why)
-            return
-    if current.subtitles:
+        why = "" if same else why
+    if not why and current.subtitles:
         ck = safefs.lstat_in(dir_fd, CHECKPOINT_NAME)
         if ck is not None and any(s.mtime > ck.st_mtime for _, s in current.subtitles):
-            a.changed.add(Input.SUBTITLE)
-            a.reasons.append("a subtitle is newer than the checkpoint")
+            why = "a subtitle is newer than the checkpoint"
+    if why and "subtitles" in stages():
+        a.changed.add(Input.SUBTITLE)
+        a.reasons.append(why)
 
 
 def _judge_by_proxy(dir_fd: int, wd: WorkDir, video: SourceStamp, a: Assessment, gather: bool) -> None:

@@ -13,7 +13,7 @@
 #   3. /etc/systemd/system/cinecut-cache.service: the project's unit with ExecStart pointing
 #      into the venv; /usr/local/bin/cinecut{,d} links;
 #   4. /etc/cinecut/cinecutd.toml from the annotated example, if absent.
-# Then: edit the config, `cinecutd systemd-dropin --write`, `systemctl enable --now cinecut-cache`.
+# Then: edit the config, `cinecutd systemd-dropin --run-as USER --write`, `systemctl enable --now cinecut-cache`.
 set -eu
 
 PREFIX=/opt/cinecut-cache
@@ -113,7 +113,7 @@ fi
 say "installed. Next:"
 cat <<EOF
   1. edit /etc/cinecut/cinecutd.toml ([[library]] path = ...)
-  2. cinecutd systemd-dropin --config /etc/cinecut/cinecutd.toml --write   # write access to the libraries
+  2. cinecutd systemd-dropin --config /etc/cinecut/cinecutd.toml --run-as USER --write   # USER: who runs CineCut
   3. systemctl daemon-reload && systemctl enable --now cinecut-cache
   4. cinecutd status        (root, or a member of group cinecut: usermod -aG cinecut YOU)
 EOF

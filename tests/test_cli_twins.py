@@ -7,6 +7,7 @@ between the two must never flap. Real ffmpeg films, the real CLI, upstream's own
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -62,6 +63,10 @@ def test_a_twin_is_refused_and_taken_over_only_when_asked(
         q = cinecut("analyze", owner, "--gpu-lock", gpu, "--model", tmp_path / "x", "--mmproj", tmp_path / "x")
         assert q.returncode == 0 and "LLaVA inference skipped" in q.stdout, q.stderr
         assert up.load_checkpoint_strict(wd.path).source_file == str(owner)
+
+    st = cinecut("status", twin)
+    assert st.returncode == 0 and f"Owner:      {owner} (a same-stem twin" in st.stdout, st.stdout
+    assert json.loads(cinecut("status", owner, "--json").stdout)["twin_owner"] is None
 
     p = cinecut("analyze", twin, "--take-over", "--gpu-lock", gpu, "--n-gpu-layers", "0", env=model_env)
     assert p.returncode == 0, p.stderr

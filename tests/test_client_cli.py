@@ -305,6 +305,31 @@ def test_unreadable_config_falls_back_to_the_default_socket(public_dir: Path) ->
 # --------------------------------------------------------------------------------------------- drop-in
 
 
+def test_systemd_dropin_run_as_and_the_hint_without_it(tmp_path: Path) -> None:
+    """--run-as runs the service as the account whose 0600 files it must read; without it, libraries
+    owned by another account get a note naming --run-as (the drop-in itself is unchanged)."""
+    import grp
+    import pwd
+
+    lib = tmp_path / "films"
+    lib.mkdir()
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(f'[[library]]\npath = "{lib}"\n')
+    nobody = pwd.getpwnam("nobody")
+    proc = cli("systemd-dropin", "--config", str(cfg), "--run-as", "nobody")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "User=nobody" in lines and f"SupplementaryGroups={grp.getgrgid(nobody.pw_gid).gr_name}" in lines
+    assert "PrivateUsers=no" in lines
+    assert cli("systemd-dropin", "--config", str(cfg), "--run-as", "root").returncode == 2
+    assert "no such user" in cli("systemd-dropin", "--config", str(cfg), "--run-as", "no-such-user-x").stderr
+    if os.geteuid() == 0:
+        os.chown(lib, nobody.pw_uid, nobody.pw_gid)
+        proc = cli("systemd-dropin", "--config", str(cfg))
+        assert proc.returncode == 0 and "User=" not in proc.stdout
+        assert "--run-as nobody" in proc.stderr
+
+
 def test_systemd_dropin_prints_and_writes(tmp_path: Path) -> None:
     cfg = tmp_path / "d.toml"
     cfg.write_text('[[library]]\npath = "/srv/media/films"\n[[library]]\npath = "/mnt/nas/films"\n')

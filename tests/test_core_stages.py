@@ -285,7 +285,7 @@ def test_symlinked_checkpoint_and_lock_file(tmp_path: Path, outside: Path) -> No
 
 def test_lock_held_means_lock_busy(tmp_path: Path) -> None:
     _, wd = make_library(tmp_path)
-    holder = FileLock(wd / "cinecut.lock", purpose="pipeline run")
+    holder = FileLock(wd / "cinecut.lock", purpose="pipeline run", announce=True)
     assert holder.try_acquire()
     before = snapshot(wd)
     with pytest.raises(LockBusy) as info:

@@ -191,24 +191,27 @@ def test_film_moved_out_of_the_libraries_is_an_orphan(runner: DaemonRunner) -> N
 
 
 def test_renamed_onto_an_existing_work_dir_never_overwrites_it(runner: DaemonRunner) -> None:
-    """The target stem already has a work dir (an old film's): the moving film's results are kept as an
-    orphan, never merged into or over it; the other work dir is revalidated against the renamed film."""
+    """The target stem already has a work dir (a deleted film's): it is neither merged into, overwritten,
+    nor judged against the renamed film. It is parked intact under a hidden name and reported as the
+    orphan, and the moving film keeps its own results under its new name."""
     lib = runner.library()
     film = make_film_with_work_dir(lib / "Heat (1995)", "Heat (1995)", subtitles=())
     other = make_film_with_work_dir(lib / "Heat (1995)", "Heat", subtitles=(), seed=5, trailer=None)
     other.path.unlink()  # an old film's results remain under the target stem
-    mine = snapshot(p for p in film.wd.path.rglob("*") if p.is_file() and p.name != "cinecut.lock")
-    theirs = snapshot(other.wd.path / n for n in KEPT_IN_WORK_DIR)
+    theirs = {p.relative_to(other.wd.path): p.read_bytes() for p in other.wd.path.rglob("*")
+              if p.is_file() and p.name != "cinecut.lock"}
     d = runner.start([Library(lib)])
 
     os.rename(film.path, other.path)
     renamed = Film(other.path)
-    wait_for(lambda: stamps_current(renamed), what="the renamed film revalidated")
-    assert not work_state(renamed).cache_file  # the old film's cache is not taken for this one
-    assert snapshot(mine) == mine  # the moving film's results are untouched, kept as an orphan
-    assert snapshot(theirs) == theirs
+    wait_for(lambda: results_followed(film, renamed), what="the renamed film's results followed it")
+    assert_upstream_accepts(renamed)
     st = wait_for(lambda: (s := d.status())["films"]["orphaned"] == 1 and s, what="orphan reported")
-    assert st["orphans"][0]["work_dir"] == str(film.wd.path)
+    parked = Path(st["orphans"][0]["work_dir"])
+    assert parked.parent == film.path.parent and parked.name.startswith(".")
+    assert {p.relative_to(parked): p.read_bytes() for p in parked.rglob("*")
+            if p.is_file() and p.name != "cinecut.lock"} == theirs  # every file of theirs, byte for byte
+    assert st["counters"].get("invalidations", 0) == 0
 
 
 def test_renames_while_the_daemon_was_down_keep_results(runner: DaemonRunner) -> None:

@@ -23,9 +23,32 @@ from daemon_harness import (
 
 from cinecut.workdir import in_work_dir, is_work_dir_name
 from cinecutd import inotify_pruned
+from cinecutd.treewalk import walk
 
 MODES = ["inotify", "poll"]
 LIVE_S = 10.0  # a live invalidation; periodic rescans are off in these tests
+
+
+_CHAINS: list[Path] = []
+
+
+def remove_tree(top: Path) -> None:
+    """``shutil.rmtree`` without its recursion (it dies on a 1,000-deep chain, and so would pytest's own
+    clean-up of old temp dirs in every later session)."""
+    folders = list(walk(str(top)))
+    for folder, _, others in reversed(folders):
+        for name in others:
+            os.unlink(os.path.join(folder, name))
+        os.rmdir(folder)
+
+
+@pytest.fixture(autouse=True)
+def _remove_chains() -> Iterator[None]:
+    yield
+    while _CHAINS:
+        top = _CHAINS.pop()
+        if top.is_dir():
+            remove_tree(top)
 
 
 @pytest.fixture
@@ -35,7 +58,9 @@ def runner(tmp_path: Path) -> Iterator[DaemonRunner]:
 
 
 def make_chain(top: Path, depth: int, name: str = "d") -> Path:
-    """``top/d/d/.../d`` ``depth`` folders deep, made one level at a time (``os.makedirs`` recurses)."""
+    """``top/d/d/.../d`` ``depth`` folders deep, made one level at a time (``os.makedirs`` recurses).
+    Removed after the test."""
+    _CHAINS.append(top)
     path = top
     path.mkdir(parents=True, exist_ok=True)
     for _ in range(depth):
@@ -76,6 +101,7 @@ def test_a_1000_deep_chain_moved_in_while_running_keeps_the_watch(runner: Daemon
     outside = staging_dir(film.path)
     bottom = make_chain(outside / "Chain", 1000)
     (bottom / "Deep (2001).mkv").write_bytes(b"a film at the bottom" * 100)
+    _CHAINS.append(lib / "Chain")
     os.rename(outside / "Chain", lib / "Chain")
     deep = lib.joinpath("Chain", *["d"] * 1000, "Deep (2001).mkv")
     wait_for(lambda: d.film_status(deep)["film"] == str(deep), LIVE_S, what="film at the bottom of the chain seen")
@@ -95,7 +121,7 @@ def test_a_watch_thread_that_dies_is_noticed_reported_and_replaced(
     monkeypatch.setenv("CINECUTD_FAULTS", "raise:watch.event")  # every inotify event kills the reader thread
     lib = runner.library("films")
     film = make_film_with_work_dir(lib / "Heat (1995)", "Heat (1995)")
-    d = runner.start([Library(lib, watch="inotify", extra={"poll_interval": 0.2})])
+    d = runner.start([Library(lib, watch="inotify")])
     (lib / "notes.txt").write_text("any event")
     state = wait_for(lambda: (s := root_state(d, lib))["state"] == "degraded" and s, LIVE_S,
                      what="root shown as degraded")

@@ -529,7 +529,7 @@ def test_model_needed_only_on_a_miss_and_checked_before_ingesting(
 
 def test_a_locked_work_dir_is_waited_for_or_refused(clone: Path, tmp_path: Path) -> None:
     wd = WorkDir.for_film(clone)
-    lock = work_dir_lock(wd, purpose="cinecut analyze")
+    lock = work_dir_lock(wd, purpose="cinecut analyze", announce=True)
     assert lock.try_acquire()
     try:
         with pytest.raises(BusyError, match="locked by cinecut analyze"):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 #: Bumped whenever the generated files change, so stale builds are never reused.
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 N_VOCAB: Final = 32000  # LLaMA's SentencePiece vocabulary size
 
 # ggml block layouts: (elements per block, bytes per block, byte offsets of the fp16 scales)
@@ -213,9 +213,15 @@ def _materialise(spec: tuple[Any, ...], gtype: int, dims: tuple[int, ...], block
         return np.ones(dims, dtype=np.float32)
     if kind == "zeros":
         return np.zeros(dims, dtype=np.float32)
+    if kind == "randn" and gtype == _F16_TYPE:
+        # Random fp16 bit patterns with the exponent forced into 2^-9..2^-6: finite, |w| ~0.002-0.03, and
+        # ~20x faster than drawing normals for the 300 M weights of a ViT-L.
+        count = int(np.prod(dims))
+        bits = np.frombuffer(rng.bytes(2 * count), dtype=np.uint16).copy()
+        bits = (bits & 0x83FF) | ((((bits >> 10) & 0x3) + 6) << 10).astype(np.uint16)
+        return bits.view(np.float16).reshape(dims)
     if kind == "randn":
-        dtype = np.float16 if gtype == _F16_TYPE else np.float32
-        return (rng.standard_normal(dims, dtype=np.float32) * _WEIGHT_STD).astype(dtype)
+        return rng.standard_normal(dims, dtype=np.float32) * _WEIGHT_STD
     rows = blocks.rows(spec[1], dims[0], dims[1])
     if kind == "output":
         rows[spec[2], :] = 0  # zero scales and values: these tokens' logits are 0, far below the top ones

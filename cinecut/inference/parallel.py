@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -176,6 +177,7 @@ class ParallelLlavaEngine:
         prompt: str = DEFAULT_PROMPT,
         temperature: float = DEFAULT_TEMPERATURE,
         n_threads: int | None = None,
+        on_answer: Callable[[Path, str, str], None] | None = None,
     ) -> None:
         if parallel < 0:
             raise ValueError("parallel must be at least 1 (or 0: chosen from the free memory)")
@@ -186,6 +188,8 @@ class ParallelLlavaEngine:
         self.seed = seed
         self.prompt = prompt
         self.temperature = temperature
+        #: Called with (frame, raw answer, "stop" | "length") for every answer the model gives.
+        self.on_answer = on_answer
         self._lock = threading.RLock()
         self._closed = False
         self._pending: collections.deque[_Job] = collections.deque()
@@ -626,6 +630,8 @@ class ParallelLlavaEngine:
         elapsed_ms = (time.perf_counter() - slot.started) * 1000
         self._release(slot)
         self.stats["tokens"] += len(tokens)
+        if self.on_answer is not None:
+            self.on_answer(job.path, content, reason)
         description = parse_scene_description(content)
         if description is None:
             why = "the answer hit max_tokens" if reason == "length" else "the answer is not a valid SceneDescription"

@@ -41,7 +41,7 @@ log = structlog.get_logger("cinecutd")
 
 _OUR_FILES = (STAMPS_NAME, "cinecut_migration.json", LOCK_NAME + HOLDER_SUFFIX)
 NOT_RECOGNISED = "not recognised as a work dir (no valid checkpoint, cache or stamps sidecar): never touched"
-_TEMP_SUFFIXES = (".ckpt.tmp", ".cache.tmp", ".stamps.tmp", ".journal.tmp")
+_TEMP_SUFFIXES = (".ckpt.tmp", ".cache.tmp", ".stamps.tmp", ".journal.tmp", ".holder.tmp")
 
 
 @dataclass(slots=True)

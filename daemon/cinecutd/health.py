@@ -46,12 +46,23 @@ class Blocked:
         return {"blocked": self.text, "since": self.since, "problems": [p.to_dict() for p in self.problems]}
 
 
+def _overflow_uid() -> int:
+    """The uid a private user namespace shows for unmapped owners (65534 unless changed)."""
+    try:
+        with open("/proc/sys/kernel/overflowuid") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65534
+
+
 def _owner_name(path: str) -> str | None:
+    """The name of ``path``'s owner; None when it is us, root, or hidden (unmapped in a private user
+    namespace: the unit's PrivateUsers=yes shows every other owner as the overflow uid)."""
     try:
         uid = os.lstat(path).st_uid
     except OSError:
         return None
-    if uid == os.geteuid() or uid == 0:
+    if uid in (os.geteuid(), 0, _overflow_uid()):
         return None
     try:
         return pwd.getpwuid(uid).pw_name
@@ -66,7 +77,7 @@ def remedy(p: Problem) -> str:
                 f"in [[library]]), {_DROPIN_FIX}")
     if p.errno in (errno.EACCES, errno.EPERM):
         owner = _owner_name(p.path) or _owner_name(os.path.dirname(p.path))
-        who = owner or "the account that runs CineCut"
+        who = owner or f"the account that runs CineCut (the owner of {os.path.dirname(p.path)})"
         return (f"run the service as {who}: `cinecutd systemd-dropin --run-as {owner or 'USER'} --write`, "
                 f"{_DROPIN_FIX} (or give the service read and write access to this work dir)")
     if p.errno is None:

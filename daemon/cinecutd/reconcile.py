@@ -74,11 +74,15 @@ class ReconcileJob:
 
     def touched(self, film: Path) -> bool:
         """Has an event handled during this job been about ``film`` (or a folder holding it)?"""
+        if not self._touched and not self._trees:
+            return False
         if (film.parent, os.path.splitext(film.name)[0]) in self._touched:
             return True
         return any(film.is_relative_to(t) for t in self._trees) if self._trees else False
 
     def touched_work_dir(self, wd: Path) -> bool:
+        if not self._touched and not self._trees:
+            return False
         name = wd.name
         if is_work_dir_name(name) and (wd.parent, stem_of_work_dir(name)) in self._touched:
             return True

@@ -234,6 +234,21 @@ def render_status(result: Mapping[str, Any], console: Console) -> None:
         _render_prewarm(_map(result.get("prewarm")), console)
 
 
+def _render_throughput(t: Mapping[str, Any], console: Console) -> None:
+    """The last job's measured speed and what it means for the queue (nothing before a first job)."""
+    fps = _num(t.get("last_fps"))
+    if fps is None:
+        return
+    line = f"  throughput: {fps:.2f} frames/s (last job: {clean(t.get('last_film', '?'))})"
+    per_night, nights = _num(t.get("films_per_night")), _num(t.get("nights_needed"))
+    if per_night is not None:
+        line += (f"; {per_night:.1f} films per {_num(t.get('window_hours')) or 0:g} h window"
+                 f" at {count(t.get('frames_per_film'))} keyframes per film")
+    if nights is not None:
+        line += f"; {count(t.get('films_left'))} films left: {count(nights)} night{'s' * (nights != 1)}"
+    console.print(Text(line))
+
+
 def _render_prewarm(p: Mapping[str, Any], console: Console) -> None:
     line = Text("Pre-warm: ", style="bold")
     line.append_text(_state(p.get("state", "enabled" if p.get("enabled") else "disabled")))
@@ -250,6 +265,7 @@ def _render_prewarm(p: Mapping[str, Any], console: Console) -> None:
         console.print(Text(
             f"  current: {clean(cur.get('film', '?'))}  {count(cur.get('done'))}/{count(cur.get('total'))} "
             f"frames{pct}  {'?' if fps is None else f'{fps:.2f}'} fps  ETA {human_duration(cur.get('eta_s'))}"))
+    _render_throughput(_map(p.get("throughput")), console)
     queue = _list(p.get("queue"))
     if queue:
         console.print(Text(f"  queue ({len(queue)}): " + ", ".join(clean(q) for q in queue[:10])

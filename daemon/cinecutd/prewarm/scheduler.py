@@ -41,6 +41,7 @@ from cinecutd.prewarm import jobqueue
 from cinecutd.prewarm.jobqueue import Failure, Request
 from cinecutd.prewarm.probe import OffloadProbe
 from cinecutd.prewarm.supervisor import DEFAULT_TIMEOUTS, Timeouts, WorkerExit, WorkerProcess
+from cinecutd.prewarm.throughput import Throughput
 from cinecutd.prewarm.vram import Decision, GpuInfo, decide, query_gpus, required_vram
 from cinecutd.prewarm.writers import open_for_writing
 from cinecutd.registry import FilmState
@@ -157,6 +158,7 @@ class PrewarmScheduler:
         self._attempts: dict[Path, int] = {}
         self._skip_until: dict[Path, float] = {}
         self._completed = 0
+        self._throughput = Throughput()
         self._jobs_started = 0
         self._consecutive_failures = 0
         self._blocked: tuple[str, str] | None = None  # (state, note) while no job can start
@@ -483,6 +485,8 @@ class PrewarmScheduler:
                 self._requests.pop(film, None)
                 computed = record["frames_computed"]
                 fps = computed / duration if duration > 0 else 0.0
+                if computed > 0:
+                    self._throughput.record(str(film), job.fps or fps, record["frames"], time.time())
                 log.info("prewarm_done", film=str(film), frames=record["frames"], frames_computed=computed,
                          fps=round(job.fps or fps, 3), duration_s=round(duration, 3), cache_hit=job.cache_hit,
                          frames_salvaged=record["frames_salvaged"], device=job.device)
@@ -669,6 +673,8 @@ class PrewarmScheduler:
             "settling": settling,
             "failures": [f.to_dict(p) for p, f in reversed(self._failures.items())],
             "completed": self._completed,
+            "throughput": self._throughput.status(
+                films_left=len(queue) + (self._job is not None), window=self.pw.window),
         }
 
     def film_status(self, film: str) -> dict[str, Any]:
