@@ -142,3 +142,39 @@ def test_film_moved_across_roots_then_renamed_mid_run(runner: DaemonRunner) -> N
         pairs.append((moved, new))
     _assert_all_followed(d, pairs)
     assert d.counter("errors") == 0
+
+
+@pytest.mark.parametrize("hold", [None, 0.0, 0.3], ids=["committed", "commits-at-once", "commits-later"])
+def test_folder_arrives_with_a_film_renamed_before_its_watch_existed(runner: DaemonRunner, hold: float | None) -> None:
+    """The flake of this file's first test, made deterministic: a new folder's watch exists only once the
+    daemon handled its creation, so a film renamed in it before that sends no rename event at all. Here the
+    folder is analysed and renamed outside the libraries, then moved in (committed already, or with the
+    pipeline still holding the lock and committing once it is in): the daemon sees a film and a work dir
+    nobody claims, and must still attach the results to the film."""
+    lib = runner.library("films")
+    outside = runner.base / "incoming"
+    d = runner.start([Library(lib)])
+    film = make_film(outside / "Arrival (2001)", "Arrival (2001)", seed=40, trailer=None)
+    dest = lib / "Arrival (2001)"
+    if hold is None:
+        new = _pipeline_renamed_midway(film, ["Arrival (2001) Remux"], 0.0)
+        os.rename(film.path.parent, dest)
+    else:
+        wd = film.wd
+        wd.path.mkdir()
+        with safefs.work_dir_fd(wd.path) as fd:
+            lock = work_dir_lock(wd, purpose="test pipeline", dir_fd=fd)
+            lock.acquire(5.0)
+            try:
+                stamps = current_stamps(film.path, film.subtitles)
+                build_work_dir(film, record_stamps=False)
+                new = _rename(film, "Arrival (2001) Remux")
+                os.rename(film.path.parent, dest)
+                time.sleep(hold)
+                write_stamps_at(fd, stamps)
+            finally:
+                lock.release()
+    moved_new = Film(dest / new.path.name, tuple(dest / s.name for s in new.subtitles))
+    moved_old = Film(dest / film.path.name)
+    _assert_all_followed(d, [(moved_old, moved_new)])
+    assert d.counter("errors") == 0

@@ -181,3 +181,33 @@ def test_new_files_follow_the_umask_and_rewrites_keep_the_mode(lib: Path) -> Non
     assert stat.S_IMODE(os.stat(wd / "new.json").st_mode) == 0o640
     assert stat.S_IMODE(os.stat(wd / "other.json").st_mode) == 0o660
     assert WorkDir  # the module is the contract's
+
+
+def _revalidate_summary(film: Path) -> tuple[list[str], list[str], bool]:
+    res = revalidate(film, [])
+    rep = res.report
+    return (rep.errors if rep else [], [p.path for p in rep.problems] if rep else [],
+            (WorkDir.for_film(film).path / STAMPS_NAME).exists())
+
+
+def test_an_invalidation_that_met_errors_is_not_recorded_as_verified(lib: Path) -> None:
+    """Frames that could not be deleted are stale stages left behind: the stamps sidecar must not record
+    the new film as verified, or the retry would find nothing to do and the old frames would stay."""
+    film, wd = _upstream_work_dir(lib, (OTHER_UID, OTHER_GID) if ROOT else None)
+    for name in (CHECKPOINT_NAME, "Heat (1995).scenedesc.msgpack"):
+        (wd / name).chmod(0o644)
+    wd.chmod(0o777)
+    (wd / "keyframes").chmod(0o555)
+    _replace(film)
+    as_service = (lambda: run_as(NOBODY, NOBODY, _revalidate_summary, film)) if ROOT else (
+        lambda: _revalidate_summary(film))
+    try:
+        errors, paths, recorded = as_service()
+        assert errors and any(p.startswith(str(wd / "keyframes") + "/frame_") for p in paths), paths
+        assert not recorded
+        (wd / "keyframes").chmod(0o777)  # fixed: the next revalidation finishes the job
+        errors, _, recorded = as_service()
+    finally:
+        (wd / "keyframes").chmod(0o755)
+    assert not errors and recorded
+    assert not list((wd / "keyframes").glob("frame_*.jpg"))

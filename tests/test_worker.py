@@ -161,6 +161,7 @@ def test_a_full_run_then_a_cache_hit_speak_only_json_lines(
         "cache": str(WorkDir.for_film(film).cache_path),
         "records": total,
         "frames_computed": total,
+        "frames_salvaged": 0,
     }
     assert all(line.endswith("\n") and json.loads(line) for line in w.raw)  # nothing else on stdout
     assert len(up.load_cache(film, WorkDir.for_film(film).path) or []) == total
@@ -224,6 +225,7 @@ def test_a_crash_just_before_the_cache_is_saved_loses_no_frame(
         "cache": str(wd.cache_path),
         "records": total,
         "frames_computed": 0,
+        "frames_salvaged": 0,
     }
     assert len(up.load_cache(film, wd.path) or []) == total and not wd.partial_cache_path.exists()
 

@@ -262,17 +262,20 @@ class ParallelLlavaEngine:
                 on_gpu=on_gpu, free_vram=free_vram_bytes() if on_gpu else None, kv_per_sequence=kv_per_seq
             )
             log.info("parallel = auto: %d sequences (%s)", self.parallel, why)
-        self.kv_bytes = kv_per_seq * self.parallel
+        # One more stream holds the prompt's text before the image (system message, "USER: "), the same
+        # for every frame: each frame's sequence starts as a copy of it instead of evaluating it again.
+        self._prefix_seq = self.parallel
+        self.kv_bytes = kv_per_seq * (self.parallel + 1)
         log.info(
-            "parallel engine: %d sequences x %d tokens of context (prompt %d incl. image, answer %d): "
-            "KV cache %.0f MiB",
+            "parallel engine: %d sequences (+1 for the shared prompt prefix) x %d tokens of context "
+            "(prompt %d incl. image, answer %d): KV cache %.0f MiB",
             self.parallel, self.n_ctx_seq, self.prompt_tokens, self.max_tokens, self.kv_bytes / 2**20,
         )  # fmt: skip
         params = lc.llama_context_default_params()
-        params.n_ctx = self.n_ctx_seq * self.parallel
+        params.n_ctx = self.n_ctx_seq * (self.parallel + 1)
         params.n_batch = _N_BATCH
         params.n_ubatch = _N_BATCH
-        params.n_seq_max = self.parallel
+        params.n_seq_max = self.parallel + 1
         params.n_threads = threads
         params.n_threads_batch = threads
         params.kv_unified = False  # one KV stream per sequence: attention never spans other frames
@@ -286,6 +289,12 @@ class ParallelLlavaEngine:
         self._mem = lc.llama_get_memory(self._ctx)
         self._batch = lc.llama_batch_init(max(_N_BATCH, self.parallel), 0, 1)
         self._init_candidates()
+        if self._prefix_tokens:
+            try:
+                self._decode([(t, i, self._prefix_seq, False) for i, t in enumerate(self._prefix_tokens)])
+            except _DecodeFailed as exc:
+                log.warning("the shared prompt prefix could not be evaluated (%s): each frame evaluates it", exc)
+                self._prefix_tokens = []
 
     def _init_candidates(self) -> None:
         """Reusable llama_token_data arrays (the whole vocabulary, and one token) with numpy views."""
@@ -311,6 +320,12 @@ class ParallelLlavaEngine:
         try:
             if self._tokenize(chunks, bitmap) != 0:
                 raise EngineLoadError(f"mmproj {self.mmproj_path}: libmtmd cannot tokenize the prompt")
+            self._prefix_tokens = []
+            first = mt.mtmd_input_chunks_get(chunks, 0)
+            if mt.mtmd_input_chunk_get_type(first) == mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = mt.mtmd_input_chunk_get_tokens_text(first, ctypes.byref(n))
+                self._prefix_tokens = [ptr[j] for j in range(n.value)]
             return int(mt.mtmd_helper_get_n_pos(chunks))
         finally:
             mt.mtmd_input_chunks_free(chunks)
@@ -523,7 +538,13 @@ class ParallelLlavaEngine:
         n_past = 0
         idx = -1
         last = len(prepared.parts) - 1
+        shared = bool(self._prefix_tokens) and last > 0 and prepared.parts[0][1] == self._prefix_tokens
+        if shared:
+            lc.llama_memory_seq_cp(self._mem, self._prefix_seq, slot.seq, -1, -1)
+            n_past = len(self._prefix_tokens)
         for k, (kind, payload, embd) in enumerate(prepared.parts):
+            if k == 0 and shared:
+                continue
             if kind == "text":
                 tokens: list[int] = payload
                 for start in range(0, len(tokens), _N_BATCH):

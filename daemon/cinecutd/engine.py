@@ -405,6 +405,7 @@ class Engine:
                 state = self._film_touched(film, lib, "created", t0)
                 if state is not None:
                     state.subtitles = subs
+        self._follow_unseen_renames(result.work_dirs, t0)
 
     # ----------------------------------------------------------------- film lifecycle
     def _register(self, film: Path, lib: LibraryConfig, subtitles: tuple[Path, ...] | None = None) -> FilmState:
@@ -596,6 +597,31 @@ class Engine:
             self._await_results(src, state, time.monotonic() + UNCONFIRMED_WAIT_S)
         self._judge_after_move(src, state, self._lib_of(state), t0, "renamed")
 
+    def _follow_unseen_renames(self, work_dirs: set[Path], t0: float) -> None:
+        """A folder listed on arrival holds a work dir no film claims and a film without one: the film may
+        have been renamed before the folder's watch existed (a new folder's watch is added only once its
+        creation is reported), so no rename event ever comes. Follow it as a rename from an unknown name:
+        the results' evidence (or, while a pipeline still writes them, its commit mark) decides whether they
+        are this file's. Costs nothing when every work dir found has its film."""
+        from cinecut.workdir import stem_of_work_dir
+
+        for wd in work_dirs:
+            films = self.reg.films_in(wd.parent)
+            if not films or is_parked_name(wd.name) or any(self.reg.films[f].work_dir == wd for f in films):
+                continue
+            homeless = [self.reg.films[f] for f in sorted(films) if not os.path.lexists(self.reg.films[f].work_dir)]
+            if not homeless:
+                continue
+            stem = stem_of_work_dir(wd.name)
+            ev = read_evidence(wd, stem)
+            named = Path(ev.named).name if ev is not None and ev.named and Path(ev.named).stem == stem else None
+            for state in homeless:
+                old = wd.parent / (named or stem + state.film.suffix)
+                if old != state.film and not os.path.lexists(old) and state.film not in self._migrations:
+                    self._follow_unknown_rename(old, state, t0)
+                if not os.path.lexists(wd):
+                    break
+
     def _results_of(self, old_film: Path, state: FilmState) -> str:
         """Whose results the work dir of ``old_film`` (a name ``state`` was renamed from) holds: ``mine``
         (our commit mark, or else upstream's cache, names this very file), ``theirs`` (another file's, or
@@ -649,11 +675,17 @@ class Engine:
                 if os.path.lexists(new_wd) and not moved_with_folder:
                     self._make_room(new_wd, new_film, identity)  # other results are never judged against it
                 return "refused"
-            verdict = judge(read_evidence(src, old_film.stem), old_film, identity)
+            ev = read_evidence(src, old_film.stem)
+            verdict = judge(ev, old_film, identity)
             if verdict is Owner.THEIRS or (verdict is Owner.UNKNOWN and self._claimed_by_other(src, new_film)):
                 log.info("migration_refused", film=str(new_film), old_film=str(old_film), work_dir=str(src),
                          reason="its results are another film's")
                 return "refused"
+            if verdict is Owner.MINE and ev is not None and ev.named is not None and ev.named != real(old_film) \
+                    and src_dir is None and not moved_with_folder and src != new_wd:
+                # This very file made them under a name of its own the daemon never saw (its folder moved in
+                # already renamed): the stored paths speak of that name.
+                old_film, src_dir = Path(ev.named), src
             if src != new_wd and os.path.lexists(new_wd) and not self._make_room(new_wd, new_film, identity):
                 raise MigrationError(f"{new_wd} holds results that are not this film's; keeping both work dirs")
             report = migrate_work_dir(old_film, new_film, moved_with_folder=moved_with_folder, src_dir=src_dir)
@@ -934,6 +966,7 @@ class Engine:
             files_removed=len(rep.files_removed),
             bytes_reclaimed=rep.bytes_reclaimed,
             refused=rep.refused or None,
+            problems=len(rep.problems) or None,  # each one is also a "blocked" warning with path and errno
             salvaged=f"salvaged {rep.salvaged} of {rep.salvaged_of} frames" if rep.salvaged else None,
             salvage_error=rep.salvage_error,
             latency_ms=round(latency, 3),
