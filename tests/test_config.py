@@ -257,7 +257,7 @@ ERRORS = [
      'prewarm.vibe: must be a plain word without slashes or control characters, got "a/b"'),
     (LIB + '[prewarm]\npython = "python3"\n', 'prewarm.python: must be an absolute path, got "python3"'),
     (LIB + "[prewarm]\nturbo = true\n", "prewarm.turbo: unknown key; known keys: enabled, window, model, mmproj, "
-                                        "n_gpu_layers, n_ctx, max_tokens, settle_seconds, gpu_lock, "
+                                        "n_gpu_layers, n_ctx, max_tokens, parallel, settle_seconds, gpu_lock, "
                                         "min_free_vram_mb, vibe, python"),
     ('[[library]]\npath = "/srv/films"\nwatch = \n',
      "invalid TOML: Invalid value (at line 3, column 9)"),

@@ -107,6 +107,42 @@ def test_unreadable_upstream_files_block_the_film_until_permissions_allow() -> N
                     d_.chmod(0o755)
 
 
+def test_a_half_done_invalidation_is_finished_by_the_retry() -> None:
+    """The work dir is writable but its keyframes folder is not: the replacement resets the checkpoint and
+    deletes the cache, the old frames stay (upstream would reuse them: it extracts only missing frames).
+    The film is blocked until the retry, once the folder is writable, deletes them."""
+    if ROOT and (why := unprivileged_problem("nobody")):
+        pytest.skip(f"the daemon cannot run unprivileged here: {why}")
+    with DaemonRunner(public=True) as runner:
+        lib = runner.library()
+        film = make_film(lib / "Heat (1995)", "Heat (1995)").path
+        if ROOT:
+            chown_tree(lib, OTHER_UID, OTHER_GID)
+            wd = run_as(OTHER_UID, OTHER_GID, upstream_reader.run_pipeline, film)
+        else:
+            wd = upstream_reader.run_pipeline(film)
+        for name in (CHECKPOINT_NAME, "Heat (1995).scenedesc.msgpack"):
+            (wd / name).chmod(0o666)
+        wd.chmod(0o777)
+        frames = wd / "keyframes"
+        frames.chmod(0o755 if ROOT else 0o555)
+        try:
+            d = runner.start([Library(lib)], user="nobody" if ROOT else None)
+            assert check(runner.socket).returncode == 0
+            _replace(film)
+            wait_for(lambda: d.status()["films"]["blocked"] == 1, what="the half-done invalidation reported")
+            assert list(frames.glob("frame_*.jpg")) and not (wd / "Heat (1995).scenedesc.msgpack").exists()
+            assert "keyframes/frame_" in d.film_status(film)["blocked"]
+            assert check(runner.socket).returncode == 6
+            frames.chmod(0o777)
+            wait_for(lambda: d.status()["films"]["blocked"] == 0, timeout=30, what="the retry to finish it")
+            assert not list(frames.glob("frame_*.jpg"))
+            assert check(runner.socket).returncode == 0
+        finally:
+            if frames.exists():
+                frames.chmod(0o755)
+
+
 def test_status_check_codes(tmp_path: Path) -> None:
     """0 healthy, 5 a root missing, 3 the daemon down: what a monitor or a container health check sees."""
     with DaemonRunner(tmp_path) as runner:

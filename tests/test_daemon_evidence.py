@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import upstream_reader as up
-from daemon_harness import DaemonRunner, Library, stays, wait_for, work_state
+from daemon_harness import DaemonRunner, Library, daemon_command, stays, wait_for, work_state
 from test_core_evidence import media, rsync_over, upstream_left  # noqa: F401 - media is a fixture
 
 from cinecut.stamp import SourceStamp
@@ -92,6 +93,10 @@ def test_unverifiable_stages_are_reported_not_certified_nor_deleted(runner: Daem
     assert files_of([wd]) == before  # no sidecar certifying them, no lock file, nothing deleted
     d.request("rescan")
     assert files_of([wd]) == before
+    for args in ([], [str(film)]):  # said in the summary and per film, as a person reads it
+        out = subprocess.run([*daemon_command(), "status", "--socket", str(d.socket), *args],
+                             capture_output=True, text=True, timeout=30)
+        assert "unverified" in out.stdout, out.stdout + out.stderr
 
 
 def test_first_start_on_an_upstream_library_creates_no_file_in_any_work_dir(runner: DaemonRunner) -> None:

@@ -195,7 +195,7 @@ def test_every_accepted_duration_fits_the_waits_that_consume_it() -> None:
     epoll_max_s = (2**31 - 1) / 1000
     for table, key in NUMERIC_KEYS:
         low, high = _bounds(key)
-        assert -1 <= low and high <= 2**31 - 1, f"{table}.{key.name} accepts [{low}, {high}]"
+        assert low >= -1 and high <= 2**31 - 1, f"{table}.{key.name} accepts [{low}, {high}]"
         if any(w in key.name for w in ("interval", "seconds", "timeout")):  # handed to waits and timers
             assert high <= min(epoll_max_s, threading.TIMEOUT_MAX), f"{table}.{key.name} accepts {high}"
 

@@ -142,7 +142,7 @@ def test_kv_cache_is_sized_per_frame_and_logged(
     ) as eng:
         assert eng.parallel == CPU_AUTO_PARALLEL  # auto on the CPU
         assert eng.n_ctx_seq >= eng.prompt_tokens + 100 and eng.n_ctx_seq % 256 == 0
-        assert eng.kv_bytes == eng.parallel * kv_cache_bytes(2, 64, eng.n_ctx_seq)
+        assert eng.kv_bytes == (eng.parallel + 1) * kv_cache_bytes(2, 64, eng.n_ctx_seq)  # + the shared prefix
     assert "parallel = auto: 4 sequences (CPU inference)" in caplog.text
     assert "KV cache" in caplog.text
 

@@ -191,8 +191,9 @@ def _revalidate_summary(film: Path) -> tuple[list[str], list[str], bool]:
 
 
 def test_an_invalidation_that_met_errors_is_not_recorded_as_verified(lib: Path) -> None:
-    """Frames that could not be deleted are stale stages left behind: the stamps sidecar must not record
-    the new film as verified, or the retry would find nothing to do and the old frames would stay."""
+    """Frames that could not be deleted are stale results left behind (upstream extracts only missing
+    frames, so it would reuse them): the stamps sidecar must not record the new film as verified, and
+    applying the invalidation again (what the daemon's retry does) finishes the job."""
     film, wd = _upstream_work_dir(lib, (OTHER_UID, OTHER_GID) if ROOT else None)
     for name in (CHECKPOINT_NAME, "Heat (1995).scenedesc.msgpack"):
         (wd / name).chmod(0o644)
@@ -205,9 +206,10 @@ def test_an_invalidation_that_met_errors_is_not_recorded_as_verified(lib: Path) 
         errors, paths, recorded = as_service()
         assert errors and any(p.startswith(str(wd / "keyframes") + "/frame_") for p in paths), paths
         assert not recorded
-        (wd / "keyframes").chmod(0o777)  # fixed: the next revalidation finishes the job
-        errors, _, recorded = as_service()
+        (wd / "keyframes").chmod(0o777)  # fixed: the retry applies the invalidation again
+        again = run_as(NOBODY, NOBODY, invalidate, wd, ["video"]) if ROOT else invalidate(wd, ["video"])
     finally:
-        (wd / "keyframes").chmod(0o755)
-    assert not errors and recorded
+        if (wd / "keyframes").exists():
+            (wd / "keyframes").chmod(0o755)
+    assert not again.errors and any(f.startswith("keyframes/frame_") for f in again.files_removed)
     assert not list((wd / "keyframes").glob("frame_*.jpg"))

@@ -982,6 +982,13 @@ class Engine:
         witness; a proxy or cache older than the film is then enough to invalidate, which makes upstream
         unable to resume the stale stages (``cinecut.problems``).
         """
+        blocked = self.health.get(state.film)
+        if blocked is not None and blocked.pending:
+            done = res.report is not None and not res.report.errors and set(blocked.pending) <= set(res.report.changed)
+            # A fresh look finds nothing after a half-done invalidation (its stages are reset already), so
+            # the film stays blocked until the invalidation itself went through.
+            if not done and not self._reapply(state, blocked.pending):
+                return
         problems = list(res.report.problems) if res.report is not None else []
         if res.refused:
             problems.append(Problem(res.work_dir, None, f"work dir refused: {res.refused}"))
@@ -1008,6 +1015,9 @@ class Engine:
             seen = {p.path for p in problems}
             problems += [p for p in access if p.path not in seen]
         self._set_problems(state, problems)
+        blocked = self.health.get(state.film)
+        if blocked is not None and res.report is not None and res.report.errors:
+            blocked.pending = sorted(set(blocked.pending) | set(res.report.changed))
 
     def _set_problems(self, state: FilmState, problems: list[Problem]) -> None:
         """Record a film's current problems: each new one is logged once at warning level and counted."""
@@ -1029,10 +1039,37 @@ class Engine:
             return
         if film not in self.health.blocked:
             return
-        self._revalidate(state, time.monotonic(), "retry")
+        self._revalidate(state, time.monotonic(), "retry")  # re-applies a half-done invalidation first
         delay = self.health.next_retry(film)
         if delay is not None:
             self._push_timer(time.monotonic() + delay, "blocked", film)
+
+    def _reapply(self, state: FilmState, inputs: list[str]) -> bool:
+        """Apply again an invalidation that met errors; True once it went through without any."""
+        wd = WorkDir.for_film(state.film)
+        try:
+            rep = invalidate(wd, inputs, reason="retry of an invalidation that met errors")
+        except LockBusy:
+            return False  # a pipeline holds the work dir: the next retry
+        except OSError as exc:
+            where = os.fsdecode(exc.filename) if exc.filename else str(wd.path)
+            where = where if os.path.isabs(where) else str(wd.path / where)
+            self._set_problems(state, [Problem.from_exc(where, exc, "retry failed; nothing changed"),
+                                       *(p for p in access_problems(wd) if p.path != where)])
+            return False
+        if rep.errors:
+            seen = {p.path for p in rep.problems}
+            self._set_problems(state, [*rep.problems, *(p for p in access_problems(wd) if p.path not in seen)])
+            return False
+        blocked = self.health.get(state.film)
+        if blocked is not None:
+            blocked.pending = []
+        if rep.changed_anything:
+            self.reg.counters["invalidations"] += 1
+            self.reg.counters["bytes_reclaimed"] += rep.bytes_reclaimed
+            log.info("invalidated", film=str(state.film), reason=rep.reason, trigger="retry", stages=rep.stages_reset,
+                     files_removed=len(rep.files_removed), bytes_reclaimed=rep.bytes_reclaimed)
+        return True
 
     def _owns_work_dir(self, state: FilmState) -> bool:
         """For same-stem conflicts: the film the work dir's checkpoint or cache names is its owner."""

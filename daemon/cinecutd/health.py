@@ -37,6 +37,10 @@ class Blocked:
     problems: list[Problem]
     since: float = field(default_factory=time.time)
     retry_in: float = RETRY_FIRST_S
+    #: Inputs of an invalidation that met errors: the retry applies it again (idempotent) before looking,
+    #: since a half-done one leaves nothing a fresh look could detect (its stages are already reset, yet
+    #: old frames left on disk would be reused: upstream extracts only missing frames).
+    pending: list[str] = field(default_factory=list)
 
     @property
     def text(self) -> str:

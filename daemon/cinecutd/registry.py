@@ -59,7 +59,7 @@ class FilmState:
 class RootState:
     path: Path
     watch: str
-    state: str = "starting"  # watching | poll-fallback | missing | unreadable
+    state: str = "starting"  # watching | poll-fallback | degraded (a watch died; detail says why) | missing | unreadable
     films: int = 0
     detail: str = ""
 

@@ -126,7 +126,7 @@ def _row(t: Table, *cells: str) -> None:
 
 
 STATE_STYLE = {
-    "watching": "green", "poll-fallback": "yellow", "missing": "red", "unreadable": "red",
+    "watching": "green", "poll-fallback": "yellow", "degraded": "yellow", "missing": "red", "unreadable": "red",
     "valid": "green", "stale": "yellow", "corrupt": "red",
     "running": "green", "idle": "", "paused": "yellow", "gpu-build-missing": "red",
     "waiting-window": "cyan", "waiting-vram": "yellow", "disabled": "dim",
@@ -161,7 +161,7 @@ def render_status(result: Mapping[str, Any], console: Console) -> None:
     f = _map(result.get("films"))
     parts = [("total", "total"), ("warm", "warm"), ("cold", "cold"), ("stale_fixed", "stale-fixed"),
              ("orphaned", "orphaned"), ("conflicts", "same-stem conflicts"), ("copying", "copying"),
-             ("blocked", "blocked")]
+             ("blocked", "blocked"), ("unverified", "unverified")]
     line = Text("Films: ", style="bold")
     line.append("  ".join(f"{count(f.get(k))} {label}" for k, label in parts if k in f) or "?")
     console.print(line)
@@ -280,6 +280,16 @@ def _render_prewarm(p: Mapping[str, Any], console: Console) -> None:
         console.print(t)
 
 
+#: What proves which film bytes a work dir's stages came from (``cinecut.evidence.Verification``).
+_VERIFIED_BY = {
+    "recorded": "our record (computed, invalidated or checked here)",
+    "cache": "upstream's cache stamp",
+    "proxy": "the proxy's media facts against the film's",
+    "unverified": "unverified: nothing proves which film the stages came from",
+    "nothing": "nothing to verify",
+}
+
+
 def render_film(result: Mapping[str, Any], console: Console) -> None:
     """`cinecutd status FILM`: the per-film detail."""
     g = Table.grid(padding=(0, 2))
@@ -308,6 +318,9 @@ def render_film(result: Mapping[str, Any], console: Console) -> None:
     else:
         stages = "none"
     g.add_row("Stages complete", Text(stages))
+    if result.get("verification"):
+        g.add_row("Verified by", Text(_VERIFIED_BY.get(str(result["verification"]), clean(result["verification"])),
+                                      style="yellow" if result["verification"] == "unverified" else ""))
     if result.get("blocked"):
         g.add_row("Blocked", Text(clean(result.get("blocked")), style="red"))
         for p in _list(result.get("problems")):
