@@ -92,14 +92,20 @@ class _Vram:
             return None
         try:
             n = self.nvml.nvmlDeviceGetCount()
-            return sum(
-                self.nvml.nvmlDeviceGetMemoryInfo(self.nvml.nvmlDeviceGetHandleByIndex(i)).used for i in range(n)
-            ) / 2**20
+            return (
+                sum(
+                    self.nvml.nvmlDeviceGetMemoryInfo(self.nvml.nvmlDeviceGetHandleByIndex(i)).used
+                    for i in range(n)
+                )
+                / 2**20
+            )
         except Exception:
             return None
 
 
-def _upstream_side(model: Path, mmproj: Path, n_gpu_layers: int, tokens: int) -> tuple[Any, Callable[[Path], int]]:
+def _upstream_side(
+    model: Path, mmproj: Path, n_gpu_layers: int, tokens: int
+) -> tuple[Any, Callable[[Path], int]]:
     """One chat completion per frame, as upstream's llama-server request does it."""
     import base64
 
@@ -128,7 +134,9 @@ def _upstream_side(model: Path, mmproj: Path, n_gpu_layers: int, tokens: int) ->
     return llm, one
 
 
-def _engine_side(model: Path, mmproj: Path, n_gpu_layers: int, tokens: int) -> tuple[Any, Callable[[Path], int]]:
+def _engine_side(
+    model: Path, mmproj: Path, n_gpu_layers: int, tokens: int
+) -> tuple[Any, Callable[[Path], int]]:
     """Our current engine, exactly as the pipeline builds it (its own defaults for the rest)."""
     engine = LlavaEngine(model, mmproj, n_gpu_layers=n_gpu_layers, max_tokens=tokens)
     counted = [0]
@@ -155,7 +163,9 @@ def _quiet_native() -> Iterator[None]:
     yield
 
 
-def run_side(name: str, build: Callable[[], tuple[Any, Any]], frames: list[Path], vram: _Vram) -> dict[str, Any]:
+def run_side(
+    name: str, build: Callable[[], tuple[Any, Any]], frames: list[Path], vram: _Vram
+) -> dict[str, Any]:
     """Load, describe one warm-up frame (untimed), then time the frames; the model is freed after."""
     before = vram.used_mib()
     started = time.perf_counter()
@@ -204,12 +214,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=sorted(SHAPES), default="scaled")
     ap.add_argument("--frames", type=int, default=8, help="timed keyframes per side (plus one warm-up)")
     ap.add_argument("--tokens", type=int, default=100, help="generated tokens per frame, every side")
-    ap.add_argument("--parallel", type=int, nargs="+", default=None,
-                    help="parallel engine sizes to run (default: 8 on the CPU, 1 4 8 for 7b)")
+    ap.add_argument(
+        "--parallel",
+        type=int,
+        nargs="+",
+        default=None,
+        help="parallel engine sizes to run (default: 8 on the CPU, 1 4 8 for 7b)",
+    )
     ap.add_argument("--n-gpu-layers", type=int, default=None, help="default: 0 for scaled, -1 for 7b")
     ap.add_argument("--models-dir", type=Path, default=None)
-    ap.add_argument("--sides", nargs="+", default=["upstream", "engine", "parallel"],
-                    choices=["upstream", "engine", "parallel"])
+    ap.add_argument(
+        "--sides",
+        nargs="+",
+        default=["upstream", "engine", "parallel"],
+        choices=["upstream", "engine", "parallel"],
+    )
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. the machine)")
     args = ap.parse_args(argv)
     n_gpu_layers = args.n_gpu_layers if args.n_gpu_layers is not None else (-1 if args.size == "7b" else 0)
@@ -221,23 +240,37 @@ def main(argv: list[str] | None = None) -> int:
     pair = build_sized_llava(args.models_dir or _default_models_dir(), args.size)
     gen_s = time.perf_counter() - started
     shape = pair.shape
-    print(f"model {args.size}: {shape.text_params / 1e9:.2f} B text parameters, {shape.image_tokens} image "
-          f"tokens ({pair.model_path.stat().st_size / 2**30:.2f} GiB, ready in {gen_s:.1f} s); "
-          f"{args.tokens} tokens per frame; n_gpu_layers {n_gpu_layers}", flush=True)
+    print(
+        f"model {args.size}: {shape.text_params / 1e9:.2f} B text parameters, {shape.image_tokens} image "
+        f"tokens ({pair.model_path.stat().st_size / 2**30:.2f} GiB, ready in {gen_s:.1f} s); "
+        f"{args.tokens} tokens per frame; n_gpu_layers {n_gpu_layers}",
+        flush=True,
+    )
     vram = _Vram()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cinecut-bench-kf-") as tmp, _quiet_native():
         frames = make_keyframes(Path(tmp), args.frames)
         m, p = pair.model_path, pair.mmproj_path
         if "upstream" in args.sides:
-            rows.append(run_side("upstream", lambda: _upstream_side(m, p, n_gpu_layers, args.tokens), frames, vram))
+            rows.append(
+                run_side("upstream", lambda: _upstream_side(m, p, n_gpu_layers, args.tokens), frames, vram)
+            )
         if "engine" in args.sides:
-            rows.append(run_side("engine", lambda: _engine_side(m, p, n_gpu_layers, args.tokens), frames, vram))
+            rows.append(
+                run_side("engine", lambda: _engine_side(m, p, n_gpu_layers, args.tokens), frames, vram)
+            )
         if "parallel" in args.sides:
             for n in sizes:
+
                 def build(n: int = n) -> tuple[Any, Any]:
-                    eng = ParallelLlavaEngine(m, p, parallel=n, n_gpu_layers=n_gpu_layers, max_tokens=args.tokens,
-                                              temperature=UPSTREAM_TEMPERATURE)
+                    eng = ParallelLlavaEngine(
+                        m,
+                        p,
+                        parallel=n,
+                        n_gpu_layers=n_gpu_layers,
+                        max_tokens=args.tokens,
+                        temperature=UPSTREAM_TEMPERATURE,
+                    )
                     return eng, None
 
                 rows.append(run_side(f"parallel-{n}", build, frames, vram))

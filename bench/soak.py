@@ -101,7 +101,13 @@ OPS: dict[str, int] = {
     "subtitle_add": 3,
     "subtitle_delete": 3,
     "unrelated_file": 5,
+    "twin_arrive": 2,
+    "twin_rename_away": 2,
+    "hidden_swap": 3,
 }
+#: Operations a same-stem twin (a film sharing its owner's work dir by name) gets in place of a subtitle
+#: operation: a subtitle named after the shared stem would belong to the owner too.
+SUBTITLE_OPS = frozenset({"subtitle_edit", "subtitle_add", "subtitle_delete"})
 
 
 def sha1(path: Path) -> str:
@@ -122,6 +128,7 @@ class FilmModel:
     history: list[str] = field(default_factory=list)  # the operations applied to it, for diagnostics
     last_op: float = 0.0  # monotonic time its last operation finished
     version: int = 0  # bumped by every operation that changes its video or subtitles (not by renames)
+    twinned: bool = False  # it has had a same-stem twin (see ``twin_arrive``)
 
     @property
     def folder(self) -> Path:
@@ -224,6 +231,7 @@ class Library_:
         self.sacred: dict[int, tuple[str, int, str]] = {}
         self.mtime_clock = time.time() - 10 * 86400
         self.timeline: list[tuple[float, int, str]] = []  # (wall time, film id, what): for diagnosing findings
+        self.twin_op_at = 0.0  # monotonic time of the last operation on a film that has had a twin
 
     def note(self, fid: int, what: str) -> None:
         self.timeline.append((time.time(), fid, what))
@@ -476,8 +484,12 @@ class Driver:
         fm = self.pick()
         if fm is None and not op.startswith("arrive"):
             op = "arrive_slow_copy"
+        if fm is not None and op in SUBTITLE_OPS and is_shadowed_twin(self.lib, fm):
+            op = "twin_rename_away"
         if fm is not None and not op.startswith("arrive"):
             fm.last_op = time.monotonic()  # busy from now: the pipeline leaves a film alone mid-operation
+            if fm.twinned:
+                self.lib.twin_op_at = fm.last_op
             fm.history.append(op)
             if op in INPUT_CHANGES:
                 fm.version += 1  # before the change too: a pipeline run that overlaps it is not "unchanged"
@@ -486,6 +498,8 @@ class Driver:
             if op in INPUT_CHANGES:
                 fm.version += 1
             fm.last_op = time.monotonic()
+            if fm.twinned:
+                self.lib.twin_op_at = fm.last_op
             self.lib.note(fm.fid, f"{op} done -> {fm.path}")
         self.counts[op] += 1
         return op
@@ -621,6 +635,96 @@ class Driver:
             self.lib.remember(target)
 
 
+    # ------------------------------------------------------------------ same-stem twins, hidden-name swaps
+    def twin_arrive(self, fm: FilmModel) -> None:
+        """A same-stem twin lands beside a film (``Heat.mp4`` beside ``Heat.mkv``): both map to one work
+        dir by name, which stays the owner's (the film that was there first)."""
+        if is_shadowed_twin(self.lib, fm) or twin_of(self.lib, fm) is not None:
+            return None
+        with self.lib.lock:
+            fid = self.lib.next_fid
+            self.lib.next_fid += 1
+        path = fm.path.with_suffix(".mp4" if fm.path.suffix != ".mp4" else ".mkv")
+        path.write_bytes(film_content(fid, 0, FILM_SIZE + 8192))
+        self.lib.stamp_film(path)
+        twin = FilmModel(fid, path, twinned=True, last_op=time.monotonic())
+        with self.lib.lock:
+            fm.twinned = True
+            self.lib.twin_op_at = time.monotonic()
+            self.lib.films[fid] = twin
+            self.lib.remember(path)
+            self.lib.note(fid, f"twin of {fm.fid} arrived at {path}")
+        return None
+
+    def twin_rename_away(self, fm: FilmModel) -> None:
+        """The twin (never the owner) is renamed to a stem of its own, in its folder or in a new one: the
+        owner's work dir must stay with the owner."""
+        twin = fm if is_shadowed_twin(self.lib, fm) else twin_of(self.lib, fm)
+        if twin is None:
+            return self.twin_arrive(fm)
+        twin.renames += 1
+        stem = f"Film {twin.fid:04d} t{twin.renames} ({1950 + twin.fid % 70})"
+        if self.rng.random() < 0.5:
+            folder = twin.folder
+        else:
+            self._folders += 1
+            folder = self.rng.choice(self.lib.roots) / f"{stem} ~{self._folders}"
+            folder.mkdir()
+        dest = folder / f"{stem}{twin.path.suffix}"
+        with self.lib.lock:
+            os.rename(twin.path, dest)
+            self.lib.moved(twin.path, dest)
+            twin.path = dest
+            twin.last_op = time.monotonic()
+            self.lib.twin_op_at = twin.last_op
+        return None
+
+    def hidden_swap(self, fm: FilmModel) -> None:
+        """Two films swap names through a name the scan ignores, subtitles along:
+        ``mv A .swap; mv B A; mv .swap B`` (hidden, or an in-progress ``.part`` name)."""
+        now = time.monotonic()
+        with self.lib.lock:
+            others = [f for f in self.lib.films.values() if f is not fm and not f.twinned
+                      and now - f.last_op >= MIN_FILM_GAP_S]
+        if fm.twinned or not others:
+            return None
+        a, b = fm, self.rng.choice(others)
+        b.last_op = now
+        b.history.append("hidden_swap")
+        self._folders += 1
+        hidden = f".swap-{self._folders}" if self.rng.random() < 0.6 else f"{a.path.name}.part"
+        a_path, a_subs, b_path, b_subs = a.path, dict(a.subs), b.path, dict(b.subs)
+        moves = [(a_path, a.folder / hidden)] + [(p, a.folder / f".swap-{self._folders}{k}") for k, p in a_subs.items()]
+        moves += [(b_path, a_path)] + [(p, a.folder / f"{a_path.stem}{k}") for k, p in b_subs.items()]
+        moves += [(a.folder / hidden, b_path)]
+        moves += [(a.folder / f".swap-{self._folders}{k}", b.folder / f"{b_path.stem}{k}") for k in a_subs]
+        with self.lib.lock:
+            for src, dest in moves:
+                os.rename(src, dest)
+                self.lib.moved(src, dest)
+            a.path, a.subs = b_path, {k: b.folder / f"{b_path.stem}{k}" for k in a_subs}
+            b.path, b.subs = a_path, {k: a_path.parent / f"{a_path.stem}{k}" for k in b_subs}
+            b.last_op = time.monotonic()
+            self.lib.note(b.fid, f"hidden_swap with {a.fid} done -> {b.path}")
+        return None
+
+
+def _same_work_dir(a: FilmModel, b: FilmModel) -> bool:
+    return a.folder == b.folder and a.path.stem == b.path.stem
+
+
+def twin_of(lib: Library_, fm: FilmModel) -> FilmModel | None:
+    """The same-stem twin that shares ``fm``'s work dir and arrived after it, if any."""
+    with lib.lock:
+        return next((f for f in lib.films.values() if f.fid > fm.fid and _same_work_dir(f, fm)), None)
+
+
+def is_shadowed_twin(lib: Library_, fm: FilmModel) -> bool:
+    """``fm`` shares its work dir with a film that was there first (its owner): it has no results of its own."""
+    with lib.lock:
+        return any(f.fid < fm.fid and _same_work_dir(f, fm) for f in lib.films.values())
+
+
 class Pipeline(threading.Thread):
     """Runs the simulated pipeline over films without a valid cache while the churn goes on."""
 
@@ -641,7 +745,8 @@ class Pipeline(threading.Thread):
                 # pipeline starts on films that have been still for a moment; changes DURING its run are
                 # what the lock must handle.
                 now = time.monotonic()
-                cold = [f for f in films if now - f.last_op > PIPELINE_SETTLE_S and not _cache_valid(f.path)]
+                cold = [f for f in films if now - f.last_op > PIPELINE_SETTLE_S and not _cache_valid(f.path)
+                        and not _twin_unsettled(self.lib, f, now)]
                 if cold:
                     fm = self.rng.choice(cold)
                     # The name is taken together with the settle check, under the driver's lock: a film the
@@ -659,6 +764,18 @@ class Pipeline(threading.Thread):
                 self.stop.wait(self.rng.uniform(0.002, 0.02))
         except BaseException as exc:  # reported by the driver, never silently lost
             self.error = exc
+
+
+def _twin_unsettled(lib: Library_, fm: FilmModel, now: float) -> bool:
+    """A film of a twin pair is not analysed while it shares its work dir (the owner's results would be
+    overwritten: the CLI refuses that), nor moments after a twin operation (its work dir may still be on
+    its way to the owner's new name)."""
+    if not fm.twinned:
+        return False
+    if now - lib.twin_op_at <= 2 * PIPELINE_SETTLE_S:
+        return True
+    with lib.lock:
+        return any(f is not fm and _same_work_dir(f, fm) for f in lib.films.values())
 
 
 def _cache_valid(film: Path) -> bool:
@@ -698,6 +815,8 @@ def check(lib: Library_) -> Findings:
         sacred = dict(lib.sacred)
     for fm in films:
         out.films += 1
+        if any(f.fid < fm.fid and _same_work_dir(f, fm) for f in films):
+            continue  # a same-stem twin: the work dir its name maps to holds its owner's results
         _check_film(fm, gens, complete, out)
     seen: dict[int, tuple[str, int]] = {}
     outside: set[Path] = set()

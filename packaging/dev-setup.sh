@@ -12,7 +12,7 @@ VENV=${VENV:-.venv}
 debs=(ffmpeg libsystemd-dev pkg-config python3-venv python3-dev build-essential cmake rsync git
       systemd util-linux passwd
       debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel dpkg-dev fakeroot
-      python3-msgpack python3-watchdog python3-structlog python3-systemd python3-rich python3-pydantic)
+      python3-msgpack python3-watchdog python3-structlog python3-systemd python3-rich python3-pydantic python3-prometheus-client)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

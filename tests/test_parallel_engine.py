@@ -101,7 +101,9 @@ def test_frames_asked_for_without_prefetch_and_out_of_order_still_match(
     tiny_llava: TinyLlava, frames: list[Path]
 ) -> None:
     expected = _sequential(tiny_llava, frames[:3])
-    with ParallelLlavaEngine(tiny_llava.model_path, tiny_llava.mmproj_path, n_gpu_layers=0, parallel=2) as eng:
+    with ParallelLlavaEngine(
+        tiny_llava.model_path, tiny_llava.mmproj_path, n_gpu_layers=0, parallel=2
+    ) as eng:
         eng.prefetch(frames[:3])
         assert eng.describe(frames[2]) == expected[2]  # the caller may skip ahead
         assert eng.describe(frames[0]) == expected[0]
@@ -142,7 +144,9 @@ def test_kv_cache_is_sized_per_frame_and_logged(
     ) as eng:
         assert eng.parallel == CPU_AUTO_PARALLEL  # auto on the CPU
         assert eng.n_ctx_seq >= eng.prompt_tokens + 100 and eng.n_ctx_seq % 256 == 0
-        assert eng.kv_bytes == (eng.parallel + 1) * kv_cache_bytes(2, 64, eng.n_ctx_seq)  # + the shared prefix
+        assert eng.kv_bytes == (eng.parallel + 1) * kv_cache_bytes(
+            2, 64, eng.n_ctx_seq
+        )  # + the shared prefix
     assert "parallel = auto: 4 sequences (CPU inference)" in caplog.text
     assert "KV cache" in caplog.text
 
@@ -199,3 +203,15 @@ def test_pipeline_parallel_stop_and_resume_equals_a_sequential_run(
 def test_parallel_out_of_range_is_refused(ready: Path, tiny_llava: TinyLlava, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="parallel"):
         run(ready, tiny_llava, tmp_path, parallel=65)
+
+
+def test_cli_parallel_option_runs_and_is_bounded(ready: Path, tiny_llava: TinyLlava, tmp_path: Path) -> None:
+    from test_cli_analyze import cinecut
+
+    common = ["--model", tiny_llava.model_path, "--mmproj", tiny_llava.mmproj_path, "--n-gpu-layers", "0",
+              "--gpu-lock", tmp_path / "gpu.lock"]  # fmt: skip
+    bad = cinecut("analyze", ready, "--parallel", "65", *common)
+    assert bad.returncode == 2 and "--parallel" in bad.stderr
+    good = cinecut("analyze", ready, "--parallel", "3", "--json", "-", *common)
+    assert good.returncode == 0, good.stderr
+    assert load_cache(ready, WorkDir.for_film(ready)) is not None

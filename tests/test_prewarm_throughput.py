@@ -25,7 +25,9 @@ def test_window_hours_and_the_nights_a_queue_needs() -> None:
     assert estimate(fps=0.5, frames_per_film=1200, films_left=0, hours_per_night=5)["nights_needed"] == 0
     assert estimate(fps=0.0, frames_per_film=1200, films_left=3, hours_per_night=5)["nights_needed"] is None
     t = Throughput()
-    assert t.status(films_left=4, window=Window.parse("01:00-06:00"))["nights_needed"] is None  # nothing measured
+    assert (
+        t.status(films_left=4, window=Window.parse("01:00-06:00"))["nights_needed"] is None
+    )  # nothing measured
     t.record("/films/A.mkv", 0.5, 1000, 1.0)
     t.record("/films/B.mkv", 0.25, 1400, 2.0)
     t.record("/films/C.mkv", 0.0, 1400, 3.0)  # a cache hit computes nothing: not a measurement

@@ -9,7 +9,15 @@ from pathlib import Path
 import gguf
 import pytest
 
-from cinecut.demo.sizedmodel import LLAVA_7B, N_VOCAB, SCALED, _text_tensors, _vision_tensors, _vocab, build_sized_llava
+from cinecut.demo.sizedmodel import (
+    LLAVA_7B,
+    N_VOCAB,
+    SCALED,
+    _text_tensors,
+    _vision_tensors,
+    _vocab,
+    build_sized_llava,
+)
 from cinecut.inference.parallel import ParallelLlavaEngine
 
 
@@ -52,7 +60,9 @@ def test_scaled_pair_is_deterministic_quantised_and_reused(scaled, tmp_path: Pat
     assert _digest(again.mmproj_path) == _digest(scaled.mmproj_path)
     mtime = again.model_path.stat().st_mtime_ns
     assert build_sized_llava(tmp_path, "scaled") == again and again.model_path.stat().st_mtime_ns == mtime
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([again.model_path.name, again.mmproj_path.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [again.model_path.name, again.mmproj_path.name]
+    )
     reader = gguf.GGUFReader(scaled.model_path)
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_0

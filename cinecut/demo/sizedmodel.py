@@ -147,7 +147,9 @@ class _Blocks:
         return blocks.reshape(n_rows, n_blocks * block_bytes)
 
 
-def _text_tensors(shape: ModelShape, tokens: Sequence[str]) -> Iterator[tuple[str, int, tuple[int, int], Any]]:
+def _text_tensors(
+    shape: ModelShape, tokens: Sequence[str]
+) -> Iterator[tuple[str, int, tuple[int, int], Any]]:
     """(name, ggml type, numpy shape in elements, lazy array factory) for every text tensor, file order."""
     d, ff = shape.n_embd, shape.n_ff
     yield "token_embd.weight", _Q4_0_TYPE, (N_VOCAB, d), ("q", _Q4_0, "embd")
@@ -228,7 +230,9 @@ def _materialise(spec: tuple[Any, ...], gtype: int, dims: tuple[int, ...], block
     return rows
 
 
-def _write(path: Path, arch: str, configure: Any, tensors: list[tuple[str, int, tuple[int, ...], Any]], seed: int) -> None:
+def _write(
+    path: Path, arch: str, configure: Any, tensors: list[tuple[str, int, tuple[int, ...], Any]], seed: int
+) -> None:
     """Stream a GGUF file tensor by tensor (never the whole model in memory), atomically renamed."""
     import gguf
     import numpy as np
@@ -332,7 +336,9 @@ def build_sized_llava(dest_dir: Path, size: str = "scaled", *, seed: int = 0) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cinecut.demo.sizedmodel DEST_DIR [--size 7b|scaled]``: build the pair, print both paths."""
-    parser = argparse.ArgumentParser(prog="python -m cinecut.demo.sizedmodel", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cinecut.demo.sizedmodel", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("dest_dir", type=Path, help="directory to write the two GGUF files into")
     parser.add_argument("--size", choices=sorted(SHAPES), default="scaled")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")

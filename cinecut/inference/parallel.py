@@ -92,7 +92,10 @@ def choose_parallel(*, on_gpu: bool, free_vram: int | None, kv_per_sequence: int
         return 2, "free VRAM unknown (nvidia-ml-py missing or no NVIDIA GPU)"
     fits = (free_vram - VRAM_RESERVE) // max(kv_per_sequence, 1)
     n = max(1, min(MAX_AUTO_PARALLEL, int(fits)))
-    return n, f"{free_vram / 2**20:,.0f} MiB VRAM free after loading, {kv_per_sequence / 2**20:,.0f} MiB KV per sequence"
+    return (
+        n,
+        f"{free_vram / 2**20:,.0f} MiB VRAM free after loading, {kv_per_sequence / 2**20:,.0f} MiB KV per sequence",
+    )
 
 
 def free_vram_bytes() -> int | None:
@@ -133,7 +136,9 @@ class _Prepared:
     """A frame ready for its sequence: tokenized prompt parts, the image already through CLIP."""
 
     chunks: Any = None  # mtmd_input_chunks*, freed after the prefill
-    parts: list[tuple[str, Any, Any]] = field(default_factory=list)  # ("text", tokens, None) | ("image", chunk, embd)
+    parts: list[tuple[str, Any, Any]] = field(
+        default_factory=list
+    )  # ("text", tokens, None) | ("image", chunk, embd)
     error: str | None = None
 
 
@@ -209,7 +214,9 @@ class ParallelLlavaEngine:
             import llama_cpp
             from llama_cpp import llama_grammar, mtmd_cpp
         except ImportError as exc:
-            raise EngineLoadError(f"cannot load {self.model_path}: llama_cpp is not importable ({exc})") from exc
+            raise EngineLoadError(
+                f"cannot load {self.model_path}: llama_cpp is not importable ({exc})"
+            ) from exc
         self._l, self._m = llama_cpp, mtmd_cpp
         _route_native_logs()
         _native_tail.clear()
@@ -217,12 +224,16 @@ class ParallelLlavaEngine:
         threads = n_threads or os.cpu_count() or 1
         try:
             self._load(n_gpu_layers, n_ctx, threads)
-            grammar = llama_grammar.LlamaGrammar.from_json_schema(json.dumps(SCENE_DESCRIPTION_SCHEMA), verbose=False)
+            grammar = llama_grammar.LlamaGrammar.from_json_schema(
+                json.dumps(SCENE_DESCRIPTION_SCHEMA), verbose=False
+            )
             self._grammar = (grammar._grammar.encode(), grammar._root.encode())
         except BaseException:
             self._free()
             raise
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cinecut-frame-prep")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="cinecut-frame-prep"
+        )
         self._slots = [_Slot(seq=i) for i in range(self.parallel)]
 
     # -- loading ---------------------------------------------------------------------------------
@@ -234,7 +245,9 @@ class ParallelLlavaEngine:
         self._model = lc.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self._model:
             self._model = None
-            raise EngineLoadError(f"model {self.model_path}: llama.cpp could not load it ({_native_errors()})")
+            raise EngineLoadError(
+                f"model {self.model_path}: llama.cpp could not load it ({_native_errors()})"
+            )
         self._vocab = lc.llama_model_get_vocab(self._model)
         self._n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         cparams = mt.mtmd_context_params_default()
@@ -254,7 +267,11 @@ class ParallelLlavaEngine:
         need = self.prompt_tokens + self.max_tokens + 1
         self.n_ctx_seq = -(-need // _CTX_ROUND) * _CTX_ROUND
         n_layer = lc.llama_model_n_layer(self._model)
-        n_embd_kv = lc.llama_model_n_embd(self._model) // lc.llama_model_n_head(self._model) * lc.llama_model_n_head_kv(self._model)
+        n_embd_kv = (
+            lc.llama_model_n_embd(self._model)
+            // lc.llama_model_n_head(self._model)
+            * lc.llama_model_n_head_kv(self._model)
+        )
         kv_per_seq = kv_cache_bytes(n_layer, n_embd_kv, self.n_ctx_seq)
         if self.parallel == 0:
             on_gpu = n_gpu_layers != 0 and bool(lc.llama_supports_gpu_offload())
@@ -293,7 +310,9 @@ class ParallelLlavaEngine:
             try:
                 self._decode([(t, i, self._prefix_seq, False) for i, t in enumerate(self._prefix_tokens)])
             except _DecodeFailed as exc:
-                log.warning("the shared prompt prefix could not be evaluated (%s): each frame evaluates it", exc)
+                log.warning(
+                    "the shared prompt prefix could not be evaluated (%s): each frame evaluates it", exc
+                )
                 self._prefix_tokens = []
 
     def _init_candidates(self) -> None:
@@ -551,7 +570,10 @@ class ParallelLlavaEngine:
                     piece = tokens[start : start + _N_BATCH]
                     final = k == last and start + _N_BATCH >= len(tokens)
                     self._decode(
-                        [(t, n_past + j, slot.seq, final and j == len(piece) - 1) for j, t in enumerate(piece)]
+                        [
+                            (t, n_past + j, slot.seq, final and j == len(piece) - 1)
+                            for j, t in enumerate(piece)
+                        ]
                     )
                     n_past += len(piece)
                     idx = len(piece) - 1
@@ -559,7 +581,16 @@ class ParallelLlavaEngine:
                 new_n_past = lc.llama_pos(0)
                 ptr = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
                 rc = mt.mtmd_helper_decode_image_chunk(
-                    self._mtmd, self._ctx, payload, ptr, n_past, slot.seq, _N_BATCH, ctypes.byref(new_n_past), mt.mtmd_helper_post_decode_callback(), None
+                    self._mtmd,
+                    self._ctx,
+                    payload,
+                    ptr,
+                    n_past,
+                    slot.seq,
+                    _N_BATCH,
+                    ctypes.byref(new_n_past),
+                    mt.mtmd_helper_post_decode_callback(),
+                    None,
                 )
                 if rc != 0:
                     raise _DecodeFailed(f"image decode returned {rc} ({_native_errors()})")
@@ -655,7 +686,11 @@ class ParallelLlavaEngine:
             self.on_answer(job.path, content, reason)
         description = parse_scene_description(content)
         if description is None:
-            why = "the answer hit max_tokens" if reason == "length" else "the answer is not a valid SceneDescription"
+            why = (
+                "the answer hit max_tokens"
+                if reason == "length"
+                else "the answer is not a valid SceneDescription"
+            )
             log.warning("frame %s: %s: %.200r", job.path, why, content)
         else:
             log.debug("frame %s described in %.1f ms", job.path, elapsed_ms)

@@ -186,6 +186,49 @@ class PrewarmConfig:
     vibe: str
     python: Path | None  # None: the daemon's own interpreter
     parallel: int = 0  # frames in flight per job; 0: chosen from the free VRAM when the model loads
+    # Sharing the GPU with other programs (a media server's transcodes, another model): see cinecut.gpu_share.
+    yield_to: tuple[str, ...] = ("processes", "transcodes", "vram")
+    yield_ignore: tuple[str, ...] = ()
+    yield_vram_mb: int = 1024
+    encoder_busy_percent: int = 5
+    quiet_seconds: float = 60.0
+    unload_after_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus exposition (both off by default); see cinecutd.metrics."""
+
+    textfile: Path | None = None  # node_exporter textfile collector target
+    listen: tuple[str, int] | None = None  # (loopback host, port) of an HTTP /metrics endpoint
+    interval: float = 5.0  # seconds between snapshots (and textfile writes)
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """The Radarr/Sonarr webhook receiver (``cinecutd.webhook``); off while ``listen`` is None."""
+
+    listen: tuple[str, int] | None = None  # (IP address, port)
+    token: str = ""
+    token_file: Path | None = None
+    allow: tuple[str, ...] = ()  # client networks (CIDR); () = any client that has the token
+    max_body_bytes: int = 1 << 20
+    max_requests_per_minute: int = 600
+    threads: int = 8
+
+    @property
+    def loopback(self) -> bool:
+        import ipaddress
+
+        return self.listen is not None and ipaddress.ip_address(self.listen[0]).is_loopback
+
+
+@dataclass(frozen=True)
+class PathMapConfig:
+    """A path as Radarr/Sonarr see it (``src``, e.g. inside their container) and as this host sees it."""
+
+    src: Path
+    dest: Path
 
 
 @dataclass(frozen=True)
@@ -195,6 +238,9 @@ class Config:
     libraries: tuple[LibraryConfig, ...]
     control: ControlConfig
     prewarm: PrewarmConfig
+    webhook: WebhookConfig = WebhookConfig()
+    path_maps: tuple[PathMapConfig, ...] = ()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 # --------------------------------------------------------------------------------------------- checkers
@@ -350,6 +396,86 @@ def _vibe(v: Any) -> str:
     return s
 
 
+YIELD_REASONS: tuple[str, ...] = ("processes", "transcodes", "vram")
+LOOPBACK_HOSTS: tuple[str, ...] = ("127.0.0.1", "::1", "localhost")
+
+
+def _yield_to(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise _Invalid(f"must be a list of strings, got {_show(v)}")
+    out: list[str] = []
+    for x in v:
+        if x.lower() not in YIELD_REASONS:
+            raise _Invalid(f'{_show(x)} is not one of "processes", "transcodes", "vram"')
+        if x.lower() not in out:
+            out.append(x.lower())
+    return tuple(out)
+
+
+def _process_names(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and 0 < len(x) <= 256 for x in v) or len(v) > 256:
+        raise _Invalid(f"must be a list of process names, got {_show(v)}")
+    return tuple(v)
+
+
+def _listen(v: Any) -> tuple[str, int] | None:
+    """``"HOST:PORT"`` on a loopback address (``""``: off). Metrics are for a local Prometheus or a
+    reverse proxy; a remote scraper reads the textfile through node_exporter instead."""
+    if not isinstance(v, str):
+        raise _Invalid(f'must be "HOST:PORT", got {_show(v)}')
+    if v == "":
+        return None
+    host, sep, port = v.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise _Invalid(f'must be "HOST:PORT" with a port from 1 to 65535, got {_show(v)}')
+    if host not in LOOPBACK_HOSTS and not host.startswith("127."):
+        raise _Invalid(f"{_show(host)} is not a loopback address (127.0.0.1, ::1 or localhost); "
+                       "scrape a remote box through node_exporter's textfile collector ([metrics] textfile)")
+    return host, int(port)
+
+
+def _listen(v: Any) -> tuple[str, int] | None:
+    """"IP:PORT" or "[IPv6]:PORT" ("" = off). An address, not a host name: nothing is resolved."""
+    import ipaddress
+
+    s = _string(v).strip()
+    if not s:
+        return None
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})", s)
+    if not m:
+        raise _Invalid(f'must be "IP:PORT" like "127.0.0.1:8787" or "[::1]:8787" (or "" for off), got {_show(v)}')
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise _Invalid(f"{host!r} is not an IP address") from None
+    if not 1 <= int(port) <= 65535:
+        raise _Invalid(f"port must be 1 to 65535, got {port}")
+    return str(addr), int(port)
+
+
+def _networks(v: Any) -> tuple[str, ...]:
+    import ipaddress
+
+    if not isinstance(v, list):
+        raise _Invalid(f'must be an array of networks like ["172.17.0.0/16"], got {_show(v)}')
+    out = []
+    for i, item in enumerate(v):
+        try:
+            out.append(str(ipaddress.ip_network(_string(item), strict=False)))
+        except (ValueError, _Invalid):
+            raise _Invalid(f"[{i}] must be an IP address or network like 172.17.0.0/16, got {_show(item)}") from None
+    return tuple(out)
+
+
+def _token(v: Any) -> str:
+    s = _string(v)
+    if s and (len(s) < 16 or any(ord(c) < 33 or ord(c) > 126 for c in s)):
+        raise _Invalid("must be at least 16 printable ASCII characters without spaces (e.g. `openssl rand -hex 24`)")
+    return s
+
+
 def _window(v: Any) -> Window:
     try:
         return Window.parse(v)
@@ -451,6 +577,32 @@ PREWARM_KEYS: tuple[Key, ...] = (
     Key("vibe", "", _vibe, "Vibe recorded in a new checkpoint when none exists."),
     Key("python", "", _optional_abs_path,
         'Interpreter that runs the inference worker ("" = the daemon\'s own).'),
+    Key("yield_to", list(YIELD_REASONS), _yield_to,
+        'When the worker pauses and hands the GPU to other programs (NVML, between frames and before the '
+        'first): "processes" (any other process on the GPU), "transcodes" (NVENC/NVDEC busy: Plex, '
+        'Jellyfin), "vram" (free VRAM, counting our model as loaded, below `yield_vram_mb` while another '
+        "program holds GPU memory). [] = never."),
+    Key("yield_ignore", ["Xorg", "Xwayland", "gnome-shell", "kwin_x11", "kwin_wayland"], _process_names,
+        'Process names on the GPU that never count as "processes" (a desktop\'s display server).'),
+    Key("yield_vram_mb", 1024, _integer(minimum=0, maximum=1 << 24),
+        'The "vram" threshold: free VRAM (MiB) other programs must be left.'),
+    Key("encoder_busy_percent", 5, _integer(minimum=1, maximum=100),
+        'The "transcodes" threshold: encoder or decoder utilisation (%) that counts as a transcode.'),
+    Key("quiet_seconds", 60, _number(minimum=0, maximum=7 * DAY),
+        "Seconds the GPU must have been free of other users before a paused job resumes (at most 604800)."),
+    Key("unload_after_s", 120, _number(minimum=0, maximum=7 * DAY),
+        "A pause longer than this unloads the model, freeing its VRAM (at most 604800; 0 = at once)."),
+)
+
+METRICS_KEYS: tuple[Key, ...] = (
+    Key("textfile", "", _optional_abs_path,
+        'Prometheus textfile written atomically every `interval` for node_exporter\'s textfile collector, e.g. '
+        '"/var/lib/prometheus/node-exporter/cinecut.prom" ("" = off). Needs `cinecutd systemd-dropin`.'),
+    Key("listen", "", _listen,
+        'Serve `/metrics` over HTTP on a loopback "HOST:PORT", e.g. "127.0.0.1:9817" ("" = off). The '
+        "packaged unit has PrivateNetwork=yes: see the README for the drop-in it needs."),
+    Key("interval", 5.0, _number(minimum=1, maximum=HOUR),
+        "Seconds between metric snapshots and textfile writes (1 to 3600)."),
 )
 
 TABLES: dict[str, tuple[Key, ...]] = {
@@ -458,6 +610,7 @@ TABLES: dict[str, tuple[Key, ...]] = {
     "library": LIBRARY_KEYS,
     "control": CONTROL_KEYS,
     "prewarm": PREWARM_KEYS,
+    "metrics": METRICS_KEYS,
 }
 
 TABLE_DOCS: dict[str, str] = {
@@ -466,6 +619,8 @@ TABLE_DOCS: dict[str, str] = {
                "`library[0]` is the first table in the file.",
     "control": "The control socket used by `cinecutd status` and friends. Optional.",
     "prewarm": "Overnight pre-warming of SceneDescription caches. Optional; off by default.",
+    "metrics": "Prometheus metrics: a node_exporter textfile and/or an HTTP `/metrics` on loopback. Optional; "
+               "off by default.",
 }
 
 
@@ -550,7 +705,9 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             if p[name] is None:
                 raise ConfigError(path, f"prewarm.{name}", "is required when prewarm.enabled = true")
     prewarm = PrewarmConfig(**p)
-    return Config(path=path, daemon=daemon, libraries=tuple(libraries), control=control, prewarm=prewarm)
+    metrics = MetricsConfig(**_parse_table(path, data.get("metrics", {}), METRICS_KEYS, "metrics"))
+    return Config(path=path, daemon=daemon, libraries=tuple(libraries), control=control, prewarm=prewarm,
+                  metrics=metrics)
 
 
 def load_config(path: Path | str) -> Config:
@@ -608,7 +765,7 @@ def render_reference() -> str:
     """The key reference of docs/config.md, generated from the schema above (a test keeps them equal)."""
     lines: list[str] = []
     for table, keys in TABLES.items():
-        header = "[[library]]" if table == "library" else f"[{table}]"
+        header = f"[[{table}]]" if table in ("library", "path_map") else f"[{table}]"
         lines += [f"### `{header}`", "", TABLE_DOCS[table], "", "| key | default | meaning |", "|---|---|---|"]
         for key in keys:
             if key.default is REQUIRED:

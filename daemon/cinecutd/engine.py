@@ -116,6 +116,10 @@ class Engine:
         # Work dirs moved out of the way of a film that took their name (``mv A.mkv .swap; mv B.mkv A.mkv``),
         # by the (device, inode) of the file whose results they hold: handed back when it reappears.
         self._parked: dict[Identity, tuple[Path, Path, float]] = {}
+        # Films renamed to a name the scan ignores inside a library (``.swap``, ``.part``): still there, by
+        # (device, inode) -> (hidden path, when). Their results are parked, never judged, if another file
+        # lands on their old name meanwhile.
+        self._hiding: dict[Identity, tuple[Path, float]] = {}
         # Of those, the ones whose results are not yet known to be this film's (a rename from a name the
         # daemon never registered, while a pipeline wrote under that name): new film -> deadline. The move
         # happens once the pipeline's commit mark names this very file.
@@ -365,6 +369,8 @@ class Engine:
                     self._follow_unknown_rename(src, state, t0)
         else:
             if src_kind == "film":
+                if dest_lib is not None and src_state is not None:
+                    self._hidden(src_state, dest)
                 self._film_gone(src)
             elif src_kind == "subtitle":
                 self._path_gone(src, t0)
@@ -670,6 +676,11 @@ class Engine:
         ``refused`` (another film's results, or nowhere to put them: they stay where they are)."""
         new_wd = WorkDir.for_film(new_film).path
         src = src_dir if src_dir is not None else new_wd if moved_with_folder else WorkDir.for_film(old_film).path
+        parked = self._parked.get(identity) if identity is not None and src_dir is None else None
+        if parked is not None and os.path.lexists(parked[0]) and (
+                not os.path.lexists(src) or judge(read_evidence(src, old_film.stem), old_film, identity) is not Owner.MINE):
+            # Its results were parked meanwhile (another film took its old name first): take them from there.
+            old_film, src_dir, src, moved_with_folder = parked[1], parked[0], parked[0], False
         try:
             if not os.path.lexists(src):
                 if os.path.lexists(new_wd) and not moved_with_folder:
@@ -783,6 +794,8 @@ class Engine:
         now = time.monotonic()
         self._gone = {k: v for k, v in self._gone.items() if now - v[2] < GONE_MEMORY_S}
         self._fresh = {k: v for k, v in self._fresh.items() if now - v[2] < GONE_MEMORY_S}
+        self._hiding.pop(key, None)
+        self._hiding = {k: v for k, v in self._hiding.items() if now - v[1] < GONE_MEMORY_S}
         if parked is not None and os.path.lexists(parked[0]):
             # Its results were parked when another film took its old name: hand them back.
             if self._migrate(parked[1], state.film, now, identity=key, src_dir=parked[0]) != "refused":
@@ -794,10 +807,41 @@ class Engine:
                 return True
         # No usable memory (or a stale one: the same file moved on again since): the work dir may have
         # travelled with the film's folder, or may still follow when the old path's deletion arrives.
+        self._park_for_hiding(state)
         if state.stamp is not None and not os.path.lexists(state.work_dir):
             self._fresh[key] = (state.film, state.stamp, now)
             return False
         return self._adopt_travelled_work_dir(state, now)
+
+    def _hidden(self, state: FilmState, dest: Path) -> None:
+        """A film renamed to a name the scan ignores, inside a library: remember where it hides."""
+        identity = self._identity(state)
+        if identity is not None:
+            self._hiding[identity] = (dest, time.monotonic())
+
+    def _park_for_hiding(self, state: FilmState) -> None:
+        """A new file landed on a name whose work dir holds the results of a film that is hiding under an
+        ignored name (``mv A.mkv .swap; mv B.mkv A.mkv`` seen as a creation: B came from another root).
+        Park them for their file's return instead of judging them against the newcomer."""
+        if not self._hiding or not os.path.lexists(state.work_dir):
+            return
+        ev = read_evidence(state.work_dir, state.film.stem)
+        if ev is None or ev.named is None:
+            return
+        owner = ev.identity or next((k for k, v in self._gone.items() if real(v[0]) == ev.named), None)
+        hide = self._hiding.get(owner) if owner is not None else None
+        if hide is None or owner == self._identity(state):
+            return
+        try:
+            st = os.stat(hide[0])
+        except OSError:
+            return  # deleted since: an ordinary replacement, judged as one
+        if (st.st_dev, st.st_ino) != owner:
+            return
+        try:
+            self._make_room(state.work_dir, state.film, self._identity(state))
+        except LockBusy:
+            return  # a pipeline is writing them: judged (deferred) as any replacement under a lock
 
     def _adopt_travelled_work_dir(self, state: FilmState, now: float) -> bool:
         """A new film whose folder arrived with its work dir (a folder moved across roots: one watch sees it

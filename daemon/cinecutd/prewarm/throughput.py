@@ -26,7 +26,9 @@ def window_hours(window: Window) -> float:
     return hours if hours > 0 else hours + 24
 
 
-def estimate(*, fps: float, frames_per_film: float, films_left: int, hours_per_night: float) -> dict[str, Any]:
+def estimate(
+    *, fps: float, frames_per_film: float, films_left: int, hours_per_night: float
+) -> dict[str, Any]:
     """Films per night at ``fps`` and the nights ``films_left`` films need (None when not computable)."""
     if fps <= 0 or frames_per_film <= 0 or hours_per_night <= 0:
         return {"films_per_night": None, "nights_needed": None}
