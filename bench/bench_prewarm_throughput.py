@@ -10,7 +10,8 @@ Sides, all on the same llama.cpp build, the same generated model pair and the sa
   ``create_chat_completion`` per frame through llama-cpp-python's Llava15ChatHandler, with every core
   (llama-server's default thread count).
 * ``engine``: our current one-frame-at-a-time engine (:class:`cinecut.inference.engine.LlavaEngine`), as
-  the pipeline runs it with ``parallel = 1``.
+  the pipeline runs it with ``parallel = 1`` (llama-cpp-python's default threads: half the cores for
+  generation, all for the prompt; ``--threads`` does not apply to it).
 * ``parallel-1``: the parallel engine with one sequence (its sampler and image overlap, no batching).
 * ``parallel-N``: the parallel engine with N frames in flight (continuous batching).
 
@@ -104,7 +105,7 @@ class _Vram:
 
 
 def _upstream_side(
-    model: Path, mmproj: Path, n_gpu_layers: int, tokens: int
+    model: Path, mmproj: Path, n_gpu_layers: int, tokens: int, threads: int
 ) -> tuple[Any, Callable[[Path], int]]:
     """One chat completion per frame, as upstream's llama-server request does it."""
     import base64
@@ -115,7 +116,6 @@ def _upstream_side(
     from cinecut.inference.engine import DEFAULT_PROMPT
 
     handler = Llava15ChatHandler(clip_model_path=str(mmproj), verbose=False)
-    threads = os.cpu_count() or 1
     llm = Llama(
         model_path=str(model), chat_handler=handler, n_ctx=UPSTREAM_N_CTX, n_gpu_layers=n_gpu_layers,
         n_threads=threads, n_threads_batch=threads, verbose=False,
@@ -159,6 +159,9 @@ def _engine_side(
 
 @contextlib.contextmanager
 def _quiet_native() -> Iterator[None]:
+    from cinecut.inference.engine import _route_native_logs
+
+    _route_native_logs()  # llama.cpp's and libmtmd's chatter goes to logging, not the table
     logging.getLogger("cinecut").setLevel(logging.ERROR)
     yield
 
@@ -229,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         default=["upstream", "engine", "parallel"],
         choices=["upstream", "engine", "parallel"],
     )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="CPU threads of the upstream and parallel sides (default: every core, llama-server's default; "
+        "on a machine other jobs load, 1 avoids llama.cpp's spinning thread barriers distorting the result)",
+    )
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. the machine)")
     args = ap.parse_args(argv)
     n_gpu_layers = args.n_gpu_layers if args.n_gpu_layers is not None else (-1 if args.size == "7b" else 0)
@@ -253,7 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         m, p = pair.model_path, pair.mmproj_path
         if "upstream" in args.sides:
             rows.append(
-                run_side("upstream", lambda: _upstream_side(m, p, n_gpu_layers, args.tokens), frames, vram)
+                run_side(
+                    "upstream",
+                    lambda: _upstream_side(m, p, n_gpu_layers, args.tokens, args.threads),
+                    frames,
+                    vram,
+                )
             )
         if "engine" in args.sides:
             rows.append(
@@ -270,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                         n_gpu_layers=n_gpu_layers,
                         max_tokens=args.tokens,
                         temperature=UPSTREAM_TEMPERATURE,
+                        n_threads=args.threads,
                     )
                     return eng, None
 
@@ -294,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             "image_tokens": shape.image_tokens,
             "tokens_per_frame": args.tokens,
             "n_gpu_layers": n_gpu_layers,
+            "threads": args.threads,
             "window_hours": WINDOW_H,
             "film_keyframes": FILM_KEYFRAMES,
             "load_average_before": load_before,

@@ -482,7 +482,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("film")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
+
+    wk = sub.add_parser("worker", help="take pre-warm jobs from a coordinator's Redis queue (RQ) on this GPU")
+    from cinecut.remote.worker import add_arguments
+
+    add_arguments(wk)
+    wk.set_defaults(func=cmd_worker)
     return parser
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """``cinecut worker``: see :mod:`cinecut.remote.worker` (rq and redis are imported only here)."""
+    from cinecut.remote.worker import main as worker_main
+
+    return worker_main(args=args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 Off unless ``CINECUTD_FAULTS`` is set, e.g. ``CINECUTD_FAULTS="kill:migrate.after_rename"`` (SIGKILL
 ourselves when that point is reached), ``"wedge:rescan"`` (block the main loop forever, to prove the
 systemd watchdog restarts a wedged daemon) or ``"raise:watch.event"`` (raise ``RuntimeError`` there, to
-prove a thread that dies of an exception is noticed). ``kill:*@0.3`` kills at each point with probability 0.3.
+prove a thread that dies of an exception is noticed; ``raise-once`` only the first time). ``kill:*@0.3`` kills at each point with probability 0.3.
 The cost when unset is one dict lookup per point.
 """
 
@@ -28,6 +28,7 @@ def _parse(spec: str) -> dict[str, tuple[str, float]]:
 
 
 _FAULTS: Final = _parse(_SPEC)
+_SPENT: set[str] = set()
 
 
 def point(name: str) -> None:
@@ -41,5 +42,6 @@ def point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "wedge":
         threading.Event().wait()
-    elif action == "raise":
+    elif action == "raise" or (action == "raise-once" and name not in _SPENT):
+        _SPENT.add(name)
         raise RuntimeError(f"fault injected at {name}")

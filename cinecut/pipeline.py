@@ -44,6 +44,7 @@ from cinecut.checkpoint import (
     read_checkpoint_at,
     save_checkpoint_at,
 )
+from cinecut.gpu_share import Busy, GpuShare
 from cinecut.inference.cache import CacheState, Result, cache_state, load_cache, save_cache
 from cinecut.inference.models import SceneDescription
 from cinecut.inference.partial import (
@@ -338,6 +339,7 @@ def analyze(
     engine_factory: EngineFactory | None = None,
     sync_policy: SyncPolicy | None = None,
     take_over: bool = False,
+    gpu_share: GpuShare | None = None,
 ) -> AnalysisResult:
     """Run stages 1 to 4 for ``film`` and return its SceneDescriptions.
 
@@ -351,7 +353,8 @@ def analyze(
     :func:`cinecut.ingest.plan_keyframes`). A work dir holding a same-stem twin's results raises
     TwinError unless ``take_over``, which resets it for this film. ``parallel`` frames are described at
     once in one batch (:mod:`cinecut.inference.parallel`; 0: as many as the free VRAM holds); results
-    are still written, and resumable, in keyframe order.
+    are still written, and resumable, in keyframe order. ``gpu_share`` (the pre-warm): other programs on the
+    GPU it yields to as it yields to an interactive run (:mod:`cinecut.gpu_share`).
 
     The film is resolved with ``realpath``, as upstream resolves it: that spelling is what the checkpoint,
     cache and stamps record, and it places the work dir where upstream looks for it. Subtitle sidecars
@@ -395,6 +398,7 @@ def analyze(
         plan_options=(max_gap, min_spacing, max_keyframes),
         engine_factory=engine_factory or _llava_factory,
         sync_policy=sync_policy,
+        gpu_share=gpu_share if gpu_share is not None and gpu_share.enabled else None,
     )
     return run.execute()
 
@@ -439,6 +443,7 @@ class _Run:
     plan_options: tuple[float, float, int | None]
     engine_factory: EngineFactory
     sync_policy: SyncPolicy | None
+    gpu_share: GpuShare | None = None
     sidecars: list[Path] = field(default_factory=list)
     stamp: SourceStamp | None = None
     inputs: InputStamps | None = None
@@ -516,12 +521,16 @@ class _Run:
                 ) from exc
             return
         waiting = False
-        while not gpu.try_acquire():
+        share = self.gpu_share
+        # Before the first frame, too: other programs on the GPU (a transcode) are waited out, as a holder is.
+        while not ((share is None or share.quiet()) and gpu.try_acquire()):
             if self.should_stop():
                 raise AnalysisStopped("stopped while waiting for the GPU")
             if not waiting:
                 waiting = True
-                self.emit(ProgressEvent(EventKind.WAITING_GPU, message=_describe_holder(gpu.holder())))
+                other = share.last if share is not None and not share.quiet() else None
+                self.emit(ProgressEvent(EventKind.WAITING_GPU, message=other.who if other else
+                                        _describe_holder(gpu.holder()), reason=other.reason if other else None))
             time.sleep(_POLL_S)
         if waiting:
             self.emit(ProgressEvent(EventKind.RESUMED))
@@ -975,8 +984,9 @@ class _Run:
                         engine = self._load_engine()
                         _prefetch(engine, records[len(results) :], salvaged)
                         meter.start()
-                    if gpu.should_yield():
-                        engine = self._yield_gpu(gpu, writer, engine, meter, len(results), total)
+                    other = self.gpu_share.busy() if self.gpu_share is not None else None
+                    if other is not None or gpu.should_yield():
+                        engine = self._yield_gpu(gpu, writer, engine, meter, len(results), total, other)
                         _prefetch(engine, records[len(results) :], salvaged)
                     desc = engine.describe(Path(rec.frame_path))
                     meter.tick()
@@ -1011,18 +1021,35 @@ class _Run:
         meter: RateMeter,
         done: int,
         total: int,
+        other: Busy | None = None,
     ) -> Engine:
-        """Hand the GPU to an interactive run and take it back when it is done; returns a usable engine."""
+        """Hand the GPU to an interactive run (or to ``other``, a program on the GPU) and take it back when
+        it is done; returns a usable engine.
+
+        An interactive run needs the model's VRAM at once; another program may only need the video engine
+        or a moment, so the model stays loaded until the pause has lasted ``unload_after_s`` (or an
+        interactive run asks meanwhile). Resuming waits for the GPU lock and, with a share policy, for the
+        GPU to have been free of other users for its quiet period.
+        """
         writer.sync()
         meter.pause()
-        if engine is not None and not self.keep_model_on_yield and _offloads_to_gpu():
+        share = self.gpu_share
+        unloads = engine is not None and not self.keep_model_on_yield and _offloads_to_gpu()
+        if engine is not None and unloads and other is None:
             engine.close()  # its VRAM is what the interactive run needs
             engine = None
         gpu.release()
-        self.emit(ProgressEvent(EventKind.YIELDED, done=done, total=total))
-        while not gpu.try_acquire():
+        self.emit(ProgressEvent(EventKind.YIELDED, done=done, total=total, message=other.who if other else "",
+                                reason=other.reason if other else "interactive"))
+        since = time.monotonic()
+        while not ((share is None or share.quiet()) and gpu.try_acquire()):
             if self.should_stop():
                 raise AnalysisStopped(f"stopped after {done} of {total} frames (GPU yielded)", done, total)
+            if engine is not None and unloads and share is not None and (
+                time.monotonic() - since >= share.config.unload_after_s or gpu.someone_waiting()
+            ):
+                engine.close()  # a long pause, or an interactive run wants the GPU: free the VRAM
+                engine = None
             time.sleep(_POLL_S)
         self.emit(ProgressEvent(EventKind.RESUMED, done=done, total=total))
         meter.start()

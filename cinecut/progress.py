@@ -43,6 +43,7 @@ class ProgressEvent:
     message: str = ""
     path: str | None = None
     skipped: bool = False
+    reason: str | None = None  # YIELDED / WAITING_GPU: why ("interactive", "processes", "transcodes", "vram")
 
 
 ProgressCallback = Callable[[ProgressEvent], None]

@@ -10,8 +10,11 @@ object per line, flushed at once::
     {"event": "salvaged", "salvaged": n, "total": m}            n of the plan's m frames kept from before a
                                                                 subtitle change (not described again)
     {"event": "progress", "done": n, "total": m, "fps": x}     at most every 0.5 s, and at the end
-    {"event": "yielded"} / {"event": "resumed"}                 the GPU went to an interactive run and back
-                                                                (or was busy before the first frame)
+    {"event": "yielded", "reason": r, "to": who} / {"event": "resumed"}
+                                                                the GPU went to someone and back (or was
+                                                                busy before the first frame); r: interactive,
+                                                                gpu_lock, processes, transcodes, vram or
+                                                                work_dir; who: "Plex Transcoder (pid 42)"
     {"event": "done", "cache": path, "records": n, "frames_computed": k, "frames_salvaged": s}
     {"event": "error", "reason": "..."}
 
@@ -40,6 +43,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, TextIO
 
+from cinecut.gpu_share import YIELD_REASONS, GpuShare, ShareConfig, make_probe
 from cinecut.ingest import IngestError
 from cinecut.pipeline import (
     DEFAULT_MAX_GAP_S,
@@ -115,23 +119,25 @@ class _Reporter:
                 self.send_progress(ev)
         elif ev.kind is EventKind.YIELDED:
             self.flush_progress()
-            self.out.emit("yielded")
+            if ev.message:
+                log.info("yielding the GPU to %s (%s)", ev.message, ev.reason)
+            self.out.emit("yielded", reason=ev.reason or "interactive", to=ev.message or None)
         elif ev.kind is EventKind.WAITING_GPU:
             # Another run has the GPU before our first frame: to the daemon that is the same state.
             log.info("waiting for the GPU, held by %s", ev.message)
-            self.out.emit("yielded")
+            self.out.emit("yielded", reason=ev.reason or "gpu_lock", to=ev.message or None)
         elif ev.kind is EventKind.RESUMED:
             self.out.emit("resumed")
         elif ev.kind is EventKind.WAITING_LOCK:
             # A pipeline holds the work dir: waiting, not hung (the daemon's hang timer must not fire).
             log.info("waiting for the work dir, held by %s", ev.message)
-            self.out.emit("yielded")
+            self.out.emit("yielded", reason="work_dir", to=ev.message or None)
         elif ev.kind in (EventKind.WARNING, EventKind.INVALIDATED):
             log.info("%s: %s", ev.kind.value, ev.message)
 
     def send_progress(self, ev: ProgressEvent) -> None:
         self.last_sent = ev
-        self.out.emit("progress", done=ev.done, total=ev.total, fps=round(ev.fps, 3))
+        self.out.emit("progress", done=ev.done, total=ev.total, fps=round(ev.fps, 3), computed=ev.computed)
 
     def flush_progress(self) -> None:
         """The latest progress, if the throttle held it back (before yielding, stopping, exiting)."""
@@ -165,7 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vibe", default=DEFAULT_VIBE)
     p.add_argument("--max-gap", type=float, default=DEFAULT_MAX_GAP_S, help="keyframe plan: longest gap (s)")
     p.add_argument("--max-keyframes", type=int, default=None, help="keyframe plan: at most this many frames")
+    # Other programs on the GPU (cinecut.gpu_share): whom to yield to, and the thresholds.
+    p.add_argument("--yield-to", default="", help="comma-separated: processes, transcodes, vram ('' = never)")
+    p.add_argument("--yield-ignore", action="append", default=[], help="a process name that never counts")
+    p.add_argument("--yield-vram-mb", type=int, default=1024)
+    p.add_argument("--encoder-busy-percent", type=int, default=5)
+    p.add_argument("--quiet-seconds", type=float, default=60.0)
+    p.add_argument("--unload-after", type=float, default=120.0)
     return p
+
+
+def gpu_share_from_args(args: argparse.Namespace) -> GpuShare | None:
+    """The sharing policy the daemon configured, on the real NVML probe (None: yield to nobody, or no GPU
+    is used at all)."""
+    reasons = frozenset(r for r in args.yield_to.split(",") if r in YIELD_REASONS)
+    if not reasons or args.n_gpu_layers == 0:
+        return None
+    probe = make_probe()
+    why = getattr(probe, "why", None)
+    if why:
+        log.info("GPU sharing off: %s", why)
+    return GpuShare(probe, ShareConfig(reasons, frozenset(args.yield_ignore), args.yield_vram_mb,
+                                       args.encoder_busy_percent, args.quiet_seconds, args.unload_after))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     out.emit("started", film=str(args.film.absolute()), pid=os.getpid())
+    share = gpu_share_from_args(args)
     try:
         result = analyze(
             args.film,
@@ -204,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             should_stop=stop.is_set,
             max_gap=args.max_gap,
             max_keyframes=args.max_keyframes,
+            gpu_share=share,
         )
     except (AnalysisStopped, _StopNow):
         reporter.flush_progress()
@@ -220,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.emit("error", reason=f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED
     finally:
+        if share is not None:
+            share.close()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     reporter.flush_progress()

@@ -162,7 +162,7 @@ ERRORS = [
      'settle_seconds, log_format, log_level, orphans, orphan_grace_days, state_dir, video_extensions, '
      'subtitle_extensions'),
     (LIB + '[deamon]\n', 'deamon: unknown table (did you mean "daemon"?); known keys: daemon, library, control, '
-                         'prewarm'),
+                         'prewarm, metrics, webhook, path_map'),
     (LIB + 'colour = "red"\n', "library[0].colour: unknown key; known keys: path, watch, poll_interval, "
                                "video_extensions, subtitle_extensions"),
     ("", "library: at least one [[library]] table with a path is required"),
@@ -258,7 +258,8 @@ ERRORS = [
     (LIB + '[prewarm]\npython = "python3"\n', 'prewarm.python: must be an absolute path, got "python3"'),
     (LIB + "[prewarm]\nturbo = true\n", "prewarm.turbo: unknown key; known keys: enabled, window, model, mmproj, "
                                         "n_gpu_layers, n_ctx, max_tokens, parallel, settle_seconds, gpu_lock, "
-                                        "min_free_vram_mb, vibe, python"),
+                                        "min_free_vram_mb, vibe, python, yield_to, yield_ignore, yield_vram_mb, "
+                                        "encoder_busy_percent, quiet_seconds, unload_after_s"),
     ('[[library]]\npath = "/srv/films"\nwatch = \n',
      "invalid TOML: Invalid value (at line 3, column 9)"),
     ('[daemon]\nlog_level = "info"\nlog_level = "debug"\n' + LIB,

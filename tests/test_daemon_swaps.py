@@ -22,6 +22,7 @@ from daemon_harness import (
     DaemonRunner,
     Film,
     Library,
+    lock_held,
     make_film_with_work_dir,
     stays,
     wait_for,
@@ -45,9 +46,17 @@ def _made_for(film: Path) -> str | None:
         return None
 
 
+SUB = ".en.srt"
+
+
 def _films(folders: list[Path], stems: list[str]) -> list[Film]:
-    return [make_film_with_work_dir(folder, stem, subtitles=(), trailer=None, seed=i, size=(64 + 8 * i) * 1024)
+    return [make_film_with_work_dir(folder, stem, subtitles=(SUB,), trailer=None, seed=i, size=(64 + 8 * i) * 1024)
             for i, (folder, stem) in enumerate(zip(folders, stems, strict=True))]
+
+
+def _at(path: Path) -> Film:
+    """The film now at ``path``, with the subtitle that travelled with it."""
+    return Film(path, (path.with_name(path.stem + SUB),))
 
 
 def _mv(d: object, src: Path, dest: Path, paced: bool) -> None:
@@ -61,11 +70,19 @@ def _mv(d: object, src: Path, dest: Path, paced: bool) -> None:
 
 
 def _rotate(d: object, names: list[Path], temp: Path, paced: bool) -> None:
-    """names[0] -> temp, names[1] -> names[0], ..., temp -> names[-1]."""
+    """names[0] -> temp, names[1] -> names[0], ..., temp -> names[-1]; each film's subtitle follows it
+    (through a hidden name of its own), as a tool renaming a film with its sidecars does."""
+    def sub(p: Path) -> Path:
+        return p.with_name(p.stem + SUB)
+
+    hidden_sub = temp.with_name(".subtitle-in-transit" + SUB)
     _mv(d, names[0], temp, paced)
+    _mv(d, sub(names[0]), hidden_sub, paced)
     for src, dest in zip(names[1:], names, strict=False):
         _mv(d, src, dest, paced)
+        _mv(d, sub(src), sub(dest), paced)
     _mv(d, temp, names[-1], paced)
+    _mv(d, hidden_sub, sub(names[-1]), paced)
 
 
 def _no_leftovers(folders: list[Path]) -> list[str]:
@@ -82,17 +99,19 @@ TEMPS = [".swap", "{a}.part", "{a}.tmp", "swap.bak"]
 
 @pytest.mark.parametrize("paced", [True, False], ids=["paced", "burst"])
 @pytest.mark.parametrize("temp", TEMPS)
-@pytest.mark.parametrize("layout", ["one_folder", "two_folders"])
+@pytest.mark.parametrize("layout", ["one_folder", "two_folders", "two_roots"])
 def test_swap_through_an_ignored_name_keeps_both_results(runner: DaemonRunner, temp: str, paced: bool,
                                                           layout: str) -> None:
-    lib = runner.library("films")
-    folders = [lib / "Pair"] * 2 if layout == "one_folder" else [lib / "Alpha (2001)", lib / "Beta (2002)"]
+    lib, other = runner.library("films"), runner.library("films-4k")
+    folders = {"one_folder": [lib / "Pair"] * 2, "two_folders": [lib / "Alpha (2001)", lib / "Beta (2002)"],
+               "two_roots": [lib / "Alpha (2001)", other / "Beta (2002)"]}[layout]
     a, b = _films(folders, ["Alpha (2001)", "Beta (2002)"])
-    d = runner.start([Library(lib)])
+    d = runner.start([Library(lib), Library(other)])
 
     _rotate(d, [a.path, b.path], a.path.with_name(temp.format(a=a.path.name)), paced)
 
     # The file that was Alpha is now at Beta's name, with Alpha's results; and the other way round.
+    a, b = _at(a.path), _at(b.path)
     wait_for(lambda: warm(b) and warm(a) and _made_for(b.path) == "Alpha (2001)" and _made_for(a.path) == "Beta (2002)",
              what="both results followed their files")
     st = wait_for(lambda: (s := d.status())["films"]["orphaned"] == 0 and not s["pending"] and s,
@@ -117,7 +136,7 @@ def test_three_way_rotation_through_a_hidden_name(runner: DaemonRunner, paced: b
 
     # order[i+1]'s file now sits at order[i]'s name; order[0]'s file at order[-1]'s name.
     expect = {order[i].path: order[i + 1].stem for i in range(len(order) - 1)} | {order[-1].path: order[0].stem}
-    wait_for(lambda: all(warm(Film(p)) and _made_for(p) == s for p, s in expect.items()),
+    wait_for(lambda: all(warm(_at(p)) and _made_for(p) == s for p, s in expect.items()),
              what="every film's results followed its file")
     st = wait_for(lambda: (s := d.status())["films"]["orphaned"] == 0 and not s["pending"] and s,
                   what="nothing left parked")
@@ -134,6 +153,8 @@ def test_name_taken_over_while_the_old_file_hides_then_deleted(runner: DaemonRun
     hidden = a.path.with_name(".swap")
     os.rename(a.path, hidden)
     os.rename(b.path, a.path)
+    os.unlink(a.subtitles[0])
+    os.rename(b.subtitles[0], a.subtitles[0])
     wait_for(lambda: warm(a) and _made_for(a.path) == "Beta (2002)", what="Beta's results at Alpha's name")
     hidden.unlink()
     st = wait_for(lambda: (s := d.status())["films"]["orphaned"] == 1 and s, what="the parked results reported")
@@ -141,3 +162,24 @@ def test_name_taken_over_while_the_old_file_hides_then_deleted(runner: DaemonRun
     assert json.loads((parked / TRAILER_MANIFEST_NAME).read_text())["film"] == "Alpha (2001)"
     assert st["counters"].get("invalidations", 0) == 0
     assert stays(lambda: warm(a), 0.5)
+
+
+@pytest.mark.parametrize("held", [0, 1], ids=["first_locked", "second_locked"])
+@pytest.mark.parametrize("layout", ["two_folders", "two_roots"])
+def test_swap_while_a_pipeline_holds_one_work_dir(runner: DaemonRunner, held: int, layout: str) -> None:
+    """A pipeline holds one of the two work dirs through the whole swap: every park and move waits for
+    the lock, and both results still end with their files."""
+    lib, other = runner.library("films"), runner.library("films-4k")
+    folders = {"two_folders": [lib / "Alpha (2001)", lib / "Beta (2002)"],
+               "two_roots": [lib / "Alpha (2001)", other / "Beta (2002)"]}[layout]
+    a, b = _films(folders, ["Alpha (2001)", "Beta (2002)"])
+    d = runner.start([Library(lib), Library(other)])
+    with lock_held((a, b)[held].wd.path):
+        _rotate(d, [a.path, b.path], a.path.with_name(".swap"), False)
+        wait_for(lambda: d.status()["pending"], what="the moves waiting for the lock")
+    a, b = _at(a.path), _at(b.path)
+    wait_for(lambda: warm(b) and warm(a) and _made_for(b.path) == "Alpha (2001)" and _made_for(a.path) == "Beta (2002)",
+             what="both results followed their files")
+    st = wait_for(lambda: (s := d.status())["films"]["orphaned"] == 0 and not s["pending"] and s,
+                  what="nothing left parked")
+    assert st["counters"].get("invalidations", 0) == 0, st["recent_invalidations"]

@@ -80,11 +80,11 @@ def test_commands_are_installed_where_the_unit_and_docs_expect_them(unpacked):
 def test_depends_on_debian_packages_only(deb_package):
     depends = {re.split(r"[ (]", d.strip())[0] for d in field(deb_package, "Depends").split(",")}
     assert {"ffmpeg", "python3-msgpack", "python3-watchdog", "python3-structlog", "python3-rich",
-            "python3-systemd", "python3-pydantic"} <= depends
+            "python3-systemd", "python3-pydantic", "python3-prometheus-client"} <= depends
     # not in Debian 12: these come with cinecut-prewarm-addon, never as a dependency
     assert not depends & {"python3-pysubs2", "python3-llama-cpp", "python3-nvidia-ml-py", "python3-gguf"}
     declared = {re.split(r"[<>=!~ ;\[]", d)[0].lower() for d in pyproject()["project"]["dependencies"]}
-    debian_names = {"msgpack", "watchdog", "structlog", "rich", "systemd-python", "pydantic"}
+    debian_names = {"msgpack", "watchdog", "structlog", "rich", "systemd-python", "pydantic", "prometheus_client"}
     assert declared - debian_names <= {"pysubs2"}, "a new runtime dependency needs a Debian package"
 
 

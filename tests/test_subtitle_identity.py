@@ -23,7 +23,6 @@ from daemon_harness import (
     work_state,
 )
 
-from cinecut.stamp import SourceStamp
 from cinecut.stamps import InputStamps, current_stamps, subtitles_unchanged
 
 #: Longer than the settle delay (0.3 s) and the subtitle-follow timer (0.5 s) together, with margin.
@@ -86,8 +85,9 @@ def test_a_subtitle_with_content_the_record_lacks_is_a_change(tmp_path: Path) ->
     sub.write_text(EDITED)
     same, why = subtitles_unchanged(recorded, _stamps(film, [sub]), tmp_path)
     assert not same and "new subtitle" in why
-    os.utime(sub, (1.0, 1.0))
-    assert SourceStamp.of(sub) not in {s for _, s in recorded.subtitles}
+    also = _stamps(film, [sub])  # recorded with it: the same content under another name is no change
+    os.rename(sub, tmp_path / "Heat (1995).fre.srt")
+    assert subtitles_unchanged(also, _stamps(film, [tmp_path / "Heat (1995).fre.srt"]), tmp_path)[0]
 
 
 # ---------------------------------------------------------------------------------------------- daemon
@@ -145,7 +145,6 @@ def test_a_subtitle_truly_deleted_resets_the_subtitle_stages(runner: DaemonRunne
 def test_a_subtitle_deleted_from_a_work_dir_without_our_sidecar_is_noticed(runner: DaemonRunner) -> None:
     """Upstream's work dir, no sidecar of ours: the daemon remembers (in memory) what it first saw."""
     lib = runner.library()
-    film = Film(lib / "Heat (1995)" / "Heat (1995).mkv")
     film = make_film_with_work_dir(lib / "Heat (1995)", "Heat (1995)", subtitles=(".en.srt",))
     film.wd.path.joinpath("cinecut_stamps.json").unlink()
     runner.start([Library(lib)])

@@ -503,6 +503,8 @@ class ParallelLlavaEngine:
         started = time.perf_counter()
         try:
             return self._prepare_image(path)
+        except Exception as exc:  # a frame's failure is that frame's None, never the job's end
+            return _Prepared(error=f"cannot prepare it: {exc}")
         finally:
             self.timings["image_s"] += time.perf_counter() - started
 

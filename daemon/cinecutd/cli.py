@@ -22,6 +22,7 @@ DROPIN_DIR = Path("/etc/systemd/system/cinecut-cache.service.d")
 DROPIN_NAME = "libraries.conf"
 SLOW_COMMANDS = ("rescan", "gc")  # they answer when the work is done, which may take a while
 SLOW_TIMEOUT = 180.0
+ARR_HOOK_TIMEOUT = 5.0
 
 
 def _err(message: str) -> None:
@@ -76,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry", action="store_true", help="retry a film whose pre-warm failed")
     client("pause", "pause pre-warming (the current job stops after its frame)")
     client("resume", "resume pre-warming")
+
+    p = sub.add_parser("arr-hook", help="Radarr/Sonarr custom script: forward the event in the environment "
+                                        "(Radarr_*/Sonarr_*) to the daemon")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="PATH", help="find the socket in this config's [control].socket")
+    where.add_argument("--socket", metavar="PATH", help="the daemon's control socket")
+    p.add_argument("--timeout", type=float, default=ARR_HOOK_TIMEOUT, metavar="S",
+                   help=f"seconds to wait for the daemon (default: {ARR_HOOK_TIMEOUT:g}; Radarr waits for the script)")
 
     p = sub.add_parser("systemd-dropin",
                        help="print (or --write) the unit drop-in that lets the sandboxed service reach the libraries")
@@ -180,6 +189,46 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_arr_hook(args: argparse.Namespace) -> int:
+    """Radarr's/Sonarr's custom script: the event's paths go to the daemon as a hint, quickly. Exit 0 on
+    Test (after trying the socket), 3 when the daemon is not running, 1 when it refused the paths."""
+    from cinecutd.client import ClientError, ControlClient, resolve_socket
+    from cinecutd.hints import hint_from_env
+
+    hint = hint_from_env(os.environ)
+    if not hint.event:
+        _err("arr-hook: no Radarr_EventType or Sonarr_EventType in the environment; Radarr/Sonarr run this "
+             "(Settings > Connect > Custom Script)")
+        return 2
+    try:
+        choice = resolve_socket(args.socket, args.config)
+    except ConfigError as e:
+        _err(str(e))
+        return EX_CONFIG
+    if hint.event.lower() == "test":
+        try:
+            with ControlClient(choice.path, timeout=args.timeout) as c:
+                c.request("ping")
+            print(f"cinecutd arr-hook: test from {hint.source}: the daemon answers on {choice.path}")
+        except ClientError as e:
+            _err(f"arr-hook: test from {hint.source}: the daemon does not answer yet: {e}")
+        return 0
+    if hint.empty:
+        print(f"cinecutd arr-hook: {hint.source} {hint.event}: no file named; nothing to do")
+        return 0
+    try:
+        with ControlClient(choice.path, timeout=args.timeout) as c:
+            result = c.request("hint", event=hint.event, source=hint.source, paths=hint.paths,
+                               moves=[list(m) for m in hint.moves])
+    except ClientError as e:
+        _err(f"arr-hook: {hint.source} {hint.event}: {e}" + (
+            " (the change is caught by the next poll or rescan once the daemon runs)" if e.exit_code == 3 else ""))
+        return e.exit_code
+    print(f"cinecutd arr-hook: {hint.source} {hint.event}: {result.get('paths', 0)} path(s), "
+          f"{result.get('moves', 0)} rename(s) handed to the daemon")
+    return 0
+
+
 def cmd_dropin(args: argparse.Namespace) -> int:
     try:
         config = _load(args.config)
@@ -196,11 +245,18 @@ def cmd_dropin(args: argparse.Namespace) -> int:
     try:
         pw = config.prewarm
         models = {p.parent for p in (pw.model, pw.mmproj) if pw.enabled and p is not None}
+        m = config.metrics
         text = render_dropin([lib.path for lib in config.libraries], read_only=sorted(models), source=str(config.path),
-                             run_as=run_as)
+                             run_as=run_as,
+                             # the metrics textfile is replaced by a rename: its folder must be writable
+                             extra_read_write=[m.textfile.parent] if m.textfile is not None else [],
+                             loopback_listeners=[f"metrics on {m.listen[0]}:{m.listen[1]}"] if m.listen else [])
     except DropinError as e:
         _err(f"{config.path}: library path: {e}")
         return EX_CONFIG
+    from cinecutd.webhook import dropin_lines
+
+    text += "".join(f"{line}\n" for line in dropin_lines(config.webhook))
     if run_as is None:
         _hint_run_as(config.libraries)
     if not args.write:
@@ -255,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "systemd-dropin":
         return cmd_dropin(args)
+    if args.command == "arr-hook":
+        return cmd_arr_hook(args)
     if args.command == "demo":
         from cinecutd.demo import run_demo
 

@@ -232,6 +232,19 @@ class PathMapConfig:
 
 
 @dataclass(frozen=True)
+class QueueConfig:
+    """Remote pre-warm workers through an RQ queue on Redis (``cinecutd.prewarm.remote``); off while
+    ``redis`` is empty."""
+
+    redis: str = ""
+    password_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     daemon: DaemonConfig
@@ -241,6 +254,7 @@ class Config:
     webhook: WebhookConfig = WebhookConfig()
     path_maps: tuple[PathMapConfig, ...] = ()
     metrics: MetricsConfig = MetricsConfig()
+    queue: QueueConfig = QueueConfig()
 
 
 # --------------------------------------------------------------------------------------------- checkers
@@ -427,15 +441,15 @@ def _listen(v: Any) -> tuple[str, int] | None:
         return None
     host, sep, port = v.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise _Invalid(f'must be "HOST:PORT" with a port from 1 to 65535, got {_show(v)}')
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise _Invalid(f'must be "HOST:PORT" with a port from 0 to 65535, got {_show(v)}')
     if host not in LOOPBACK_HOSTS and not host.startswith("127."):
         raise _Invalid(f"{_show(host)} is not a loopback address (127.0.0.1, ::1 or localhost); "
                        "scrape a remote box through node_exporter's textfile collector ([metrics] textfile)")
     return host, int(port)
 
 
-def _listen(v: Any) -> tuple[str, int] | None:
+def _webhook_listen(v: Any) -> tuple[str, int] | None:
     """"IP:PORT" or "[IPv6]:PORT" ("" = off). An address, not a host name: nothing is resolved."""
     import ipaddress
 
@@ -450,8 +464,8 @@ def _listen(v: Any) -> tuple[str, int] | None:
         addr = ipaddress.ip_address(host)
     except ValueError:
         raise _Invalid(f"{host!r} is not an IP address") from None
-    if not 1 <= int(port) <= 65535:
-        raise _Invalid(f"port must be 1 to 65535, got {port}")
+    if not 0 <= int(port) <= 65535:
+        raise _Invalid(f"port must be 0 to 65535, got {port}")
     return str(addr), int(port)
 
 
@@ -599,10 +613,62 @@ METRICS_KEYS: tuple[Key, ...] = (
         'Prometheus textfile written atomically every `interval` for node_exporter\'s textfile collector, e.g. '
         '"/var/lib/prometheus/node-exporter/cinecut.prom" ("" = off). Needs `cinecutd systemd-dropin`.'),
     Key("listen", "", _listen,
-        'Serve `/metrics` over HTTP on a loopback "HOST:PORT", e.g. "127.0.0.1:9817" ("" = off). The '
+        'Serve `/metrics` over HTTP on a loopback "HOST:PORT", e.g. "127.0.0.1:9817" ("" = off; port 0: any '
+        'free port, logged as `metrics_listening`). The '
         "packaged unit has PrivateNetwork=yes: see the README for the drop-in it needs."),
     Key("interval", 5.0, _number(minimum=1, maximum=HOUR),
         "Seconds between metric snapshots and textfile writes (1 to 3600)."),
+)
+
+WEBHOOK_KEYS: tuple[Key, ...] = (
+    Key("listen", "", _webhook_listen,
+        'Address the webhook receiver listens on, "IP:PORT" (e.g. "127.0.0.1:8787"; port 0: any free '
+        'port, shown by `cinecutd status`); "" = off. Anything but a loopback address needs a token. Under '
+        "systemd, regenerate the drop-in (`cinecutd systemd-dropin`): the unit has no network otherwise."),
+    Key("token", "", _token,
+        "Shared secret Radarr/Sonarr send (HTTP Basic password, `Authorization: Bearer`, or `?token=`); at "
+        "least 16 characters. Prefer `token_file`."),
+    Key("token_file", "", _optional_abs_path,
+        "File holding the token (first line), e.g. a systemd credential; not readable by others."),
+    Key("allow", [], _networks,
+        'Client networks allowed to connect, e.g. ["172.17.0.0/16"] for containers on the default Docker '
+        "bridge; [] = any client holding the token (loopback only when listening on loopback)."),
+    Key("max_body_bytes", 1 << 20, _integer(minimum=1024, maximum=16 << 20),
+        "Largest request body accepted; a larger one is refused with 413 unread."),
+    Key("max_requests_per_minute", 600, _integer(minimum=1, maximum=100_000),
+        "Requests accepted per minute (a minute's worth may arrive at once); more get 429."),
+    Key("threads", 8, _integer(minimum=1, maximum=64),
+        "Requests handled at once; a further connection gets 503 at once."),
+)
+
+PATH_MAP_KEYS: tuple[Key, ...] = (
+    Key("from", REQUIRED, _abs_path, 'A path as Radarr/Sonarr see it, e.g. "/movies" inside their container.'),
+    Key("to", REQUIRED, _abs_path,
+        'The same folder on this host, e.g. "/srv/media/films". The longest matching `from` wins, compared '
+        "by whole path components."),
+)
+
+def _redis_url(v: Any) -> str:
+    """"" (off) or a redis://, rediss:// or unix:// URL; a password belongs in password_file, not here."""
+    from urllib.parse import urlparse
+
+    s = _string(v).strip()
+    if not s:
+        return ""
+    u = urlparse(s)
+    if u.scheme not in ("redis", "rediss", "unix"):
+        raise _Invalid(f"{_show(v)}: expected redis://HOST:PORT/DB, rediss://... or unix:///PATH")
+    if u.password:
+        raise _Invalid("holds a password: put it in queue.password_file instead")
+    return s
+
+
+QUEUE_KEYS: tuple[Key, ...] = (
+    Key("redis", "", _redis_url,
+        'Redis URL of the pre-warm job queue, e.g. "redis://127.0.0.1:6379/0"; "" = pre-warm on this host. '
+        "With a queue, `cinecut worker` processes on GPU hosts take the jobs; this host needs no model."),
+    Key("password_file", "", _optional_abs_path,
+        "File whose first line is the Redis password (requirepass), e.g. a systemd credential."),
 )
 
 TABLES: dict[str, tuple[Key, ...]] = {
@@ -611,6 +677,9 @@ TABLES: dict[str, tuple[Key, ...]] = {
     "control": CONTROL_KEYS,
     "prewarm": PREWARM_KEYS,
     "metrics": METRICS_KEYS,
+    "webhook": WEBHOOK_KEYS,
+    "queue": QUEUE_KEYS,
+    "path_map": PATH_MAP_KEYS,
 }
 
 TABLE_DOCS: dict[str, str] = {
@@ -621,6 +690,12 @@ TABLE_DOCS: dict[str, str] = {
     "prewarm": "Overnight pre-warming of SceneDescription caches. Optional; off by default.",
     "metrics": "Prometheus metrics: a node_exporter textfile and/or an HTTP `/metrics` on loopback. Optional; "
                "off by default.",
+    "queue": "Pre-warm on other hosts' GPUs: jobs go to an RQ queue on Redis, `cinecut worker` takes them. "
+             "Optional; off by default.",
+    "webhook": "Radarr/Sonarr \"Connect\" webhook receiver: their events make the daemon look at the named "
+               "paths at once (hints; the files decide). Optional; off by default.",
+    "path_map": "One `[[path_map]]` table per folder that Radarr/Sonarr see under another path (they often run "
+                "in a container). Applied to webhook and `cinecutd arr-hook` paths.",
 }
 
 
@@ -700,14 +775,40 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
 
     control = ControlConfig(**_parse_table(path, data.get("control", {}), CONTROL_KEYS, "control"))
     p = _parse_table(path, data.get("prewarm", {}), PREWARM_KEYS, "prewarm")
-    if p["enabled"]:
+    queue = QueueConfig(**_parse_table(path, data.get("queue", {}), QUEUE_KEYS, "queue"))
+    if p["enabled"] and not queue.enabled:  # with a queue, the models are the workers' own
         for name in ("model", "mmproj"):
             if p[name] is None:
                 raise ConfigError(path, f"prewarm.{name}", "is required when prewarm.enabled = true")
     prewarm = PrewarmConfig(**p)
     metrics = MetricsConfig(**_parse_table(path, data.get("metrics", {}), METRICS_KEYS, "metrics"))
+    webhook, path_maps = _parse_arr(path, data)
     return Config(path=path, daemon=daemon, libraries=tuple(libraries), control=control, prewarm=prewarm,
-                  metrics=metrics)
+                  metrics=metrics, webhook=webhook, path_maps=path_maps, queue=queue)
+
+
+def _parse_arr(path: Path, data: Mapping[str, Any]) -> tuple[WebhookConfig, tuple[PathMapConfig, ...]]:
+    """[webhook] and [[path_map]]: a listener off loopback needs a token; a `from` appears once."""
+    webhook = WebhookConfig(**_parse_table(path, data.get("webhook", {}), WEBHOOK_KEYS, "webhook"))
+    if webhook.token and webhook.token_file is not None:
+        raise ConfigError(path, "webhook.token_file", "give either token or token_file, not both")
+    if webhook.listen is not None and not webhook.loopback and not webhook.token and webhook.token_file is None:
+        raise ConfigError(path, "webhook.token", f"is required when listen is not a loopback address "
+                                                 f"({webhook.listen[0]}): anyone on the network could post")
+    raw = data.get("path_map", [])
+    if not isinstance(raw, list):
+        raise ConfigError(path, "path_map", "must be an array of tables: write [[path_map]] sections")
+    maps: list[PathMapConfig] = []
+    for i, item in enumerate(raw):
+        where = f"path_map[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(path, where, "must be a table: write [[path_map]] sections")
+        m = _parse_table(path, item, PATH_MAP_KEYS, where)
+        for j, other in enumerate(maps):
+            if other.src == m["from"]:
+                raise ConfigError(path, f"{where}.from", f'"{m["from"]}" is already path_map[{j}].from')
+        maps.append(PathMapConfig(m["from"], m["to"]))
+    return webhook, tuple(maps)
 
 
 def load_config(path: Path | str) -> Config:

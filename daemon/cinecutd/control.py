@@ -68,6 +68,8 @@ COMMANDS: dict[str, dict[str, Arg]] = {
     "prewarm": {"film": Arg(str, required=True), "now": Arg(bool), "retry": Arg(bool)},
     "pause": {},
     "resume": {},
+    # A Radarr/Sonarr event forwarded by `cinecutd arr-hook` (cinecutd.hints): paths to look at now.
+    "hint": {"event": Arg(str, required=True), "source": Arg(str), "paths": Arg(list), "moves": Arg(list)},
 }
 
 
@@ -100,7 +102,7 @@ class Router:
             if value is None and not arg.required:
                 continue
             if type(value) is not arg.type:
-                kind = "a boolean (true or false)" if arg.type is bool else "a string"
+                kind = {bool: "a boolean (true or false)", list: "an array"}.get(arg.type, "a string")
                 raise ControlError("bad_request", f"{cmd}: {name!r} must be {kind}")
         for name, arg in spec.items():
             if arg.required and args.get(name) is None:

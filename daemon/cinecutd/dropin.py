@@ -122,6 +122,7 @@ def render_dropin(
     *,
     source: str | None = None,
     run_as: RunAs | None = None,
+    loopback_listeners: Iterable[str] = (),
 ) -> str:
     """The `[Service]` drop-in text granting write access to the library roots.
 
@@ -129,7 +130,9 @@ def render_dropin(
     libraries). read_only: folders it must only read; only those under /home need a line (the
     unit hides /home; everything else is readable already), e.g. a model directory.
     source: the config file named in the header comment. run_as: run the service as this account (the
-    one that runs CineCut, whose 0600 files the service must read and rewrite).
+    one that runs CineCut, whose 0600 files the service must read and rewrite). loopback_listeners: what
+    the daemon serves on loopback (``metrics on 127.0.0.1:9817``): the unit has no network otherwise
+    (``PrivateNetwork=yes``, ``IPAddressDeny=any``), so this gives it the host's loopback and nothing more.
     """
     rw = _dedupe(_normalize(p) for p in [*library_paths, *extra_read_write])
     ro = [p for p in _dedupe(_normalize(p) for p in read_only)
@@ -153,6 +156,15 @@ def render_dropin(
     lines += [f"ReadWritePaths={quote_path(p, '-')}" for p in rw if not _under_home(p)]
     lines += [f"BindPaths={quote_path(p, '-')}" for p in home_rw]
     lines += [f"BindReadOnlyPaths={quote_path(p, '-')}" for p in home_ro]
+    listeners = [str(x) for x in loopback_listeners]
+    if listeners:
+        lines += [
+            f"# Served on loopback: {', '.join(listeners)}. The unit has no network of its own",
+            "# (PrivateNetwork=yes); this shares the host's, reachable on loopback only.",
+            "PrivateNetwork=no",
+            "RestrictAddressFamilies=AF_INET AF_INET6",
+            "IPAddressAllow=localhost",
+        ]
     if run_as is not None:
         lines += [
             f"# CineCut run by {run_as.user} writes its checkpoint and cache 0600: the service runs as",

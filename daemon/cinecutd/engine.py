@@ -49,6 +49,7 @@ from cinecutd.migrate import (
 )
 from cinecutd.reconcile import SLICE_S, ReconcileJob
 from cinecutd.registry import FilmState, Registry
+from cinecutd.tallies import Tallies
 from cinecutd.upstream_orphans import orphans_by_cache_stamp
 
 log = structlog.get_logger("cinecutd")
@@ -132,6 +133,7 @@ class Engine:
         self.on_reconciled: Callable[[], None] | None = None
         self._libraries: list[LibraryConfig] = list(config.libraries)
         self.health = Health()  # blocked films: problems that stopped an invalidation, retried with backoff
+        self.tallies = Tallies()  # latency and rescan-duration histograms, for the metrics
         # The rescan in progress (run in slices between queue items) and the one asked for meanwhile.
         self._job: ReconcileJob | None = None
         self._job_next: ReconcileJob | None = None
@@ -147,6 +149,11 @@ class Engine:
     def post_event(self, kind: str, src: str, dest: str | None = None, is_dir: bool = False) -> None:
         """Called by watcher threads; cheap and non-blocking."""
         self.queue.put(FsEvent(kind, src, dest, is_dir, time.monotonic()))
+
+    def post_hint(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the engine thread between queued events, without waiting for it (Radarr/Sonarr
+        hints, ``cinecutd.hints``: ``fn`` turns them into the events inotify would have posted)."""
+        self.queue.put(_Call(fn))
 
     def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Run ``fn`` on the engine thread and wait for its result (used by the control socket)."""
@@ -329,6 +336,8 @@ class Engine:
                 self._subtitles_changed(self.reg.films[film], kind, t0)
 
     def _path_gone(self, path: Path, t0: float) -> None:
+        if self._hiding:  # a film hiding under an ignored name was deleted there: no longer anyone's to wait for
+            self._hiding = {k: v for k, v in self._hiding.items() if v[0] != path}
         lib, what = self._classify(path)
         if what == "film":
             self._film_gone(path)
@@ -829,14 +838,9 @@ class Engine:
         if ev is None or ev.named is None:
             return
         owner = ev.identity or next((k for k, v in self._gone.items() if real(v[0]) == ev.named), None)
-        hide = self._hiding.get(owner) if owner is not None else None
-        if hide is None or owner == self._identity(state):
-            return
-        try:
-            st = os.stat(hide[0])
-        except OSError:
-            return  # deleted since: an ordinary replacement, judged as one
-        if (st.st_dev, st.st_ino) != owner:
+        # Still hiding, or moved on from there (its next move may still be queued): either way its results
+        # are no newcomer's. A hidden file seen deleted is forgotten (``_path_gone``).
+        if owner is None or owner not in self._hiding or owner == self._identity(state):
             return
         try:
             self._make_room(state.work_dir, state.film, self._identity(state))
@@ -988,6 +992,7 @@ class Engine:
         c = self.reg.counters
         c["invalidations"] += 1
         c["bytes_reclaimed"] += rep.bytes_reclaimed
+        self.tallies.invalidation_latency.observe(latency / 1000)
         record = {
             "film": str(state.film),
             "reason": rep.reason,
@@ -1192,6 +1197,8 @@ class Engine:
 
     def _rescan_done(self, job: ReconcileJob) -> dict[str, Any]:
         summary = job.summary or {"reason": job.reason}
+        if isinstance(summary.get("duration_s"), int | float):
+            self.tallies.rescan_duration.observe(summary["duration_s"])
         self._schedule_rescan()
         if self.on_reconciled is not None:
             self.on_reconciled()
@@ -1236,8 +1243,9 @@ class Engine:
         state.verification = None if verification is None else str(verification)
         if verification == "recorded" or verification is None:
             state.baseline = None
-        elif unrecorded and state.baseline is None and stamps is not None and stamps.video is not None:
-            state.baseline = stamps
+        elif unrecorded and stamps is not None and stamps.video is not None:
+            if state.baseline is None or verification == "nothing":  # no stage yet: nothing to compare
+                state.baseline = stamps
 
     def _adopt_orphans(self, homeless: list[FilmState], orphaned: set[Path], work_dirs: set[Path]) -> None:
         """Films renamed or moved while nobody watched: an orphaned work dir whose stamps sidecar records

@@ -8,8 +8,8 @@ start-up time and events we would only throw away. This observer is watchdog's o
 move) pruned at work dirs and done by :mod:`cinecutd.treewalk`: watchdog's walks are ``os.walk``, which
 recurses once per level, so a chain of 1,000 nested folders killed its threads with ``RecursionError``.
 
-Each observer owns its inotify reader (watchdog's default is one shared reader for the process), so a
-reader that died can be replaced by starting the watch afresh, and :meth:`PrunedInotifyObserver.failure`
+Observers share watchdog's one reader thread (the kernel's order of events across roots is kept); a
+reader that died is replaced when a watch is started afresh, and :meth:`PrunedInotifyObserver.failure`
 says when one did. It relies on watchdog's ``InotifyWatchGroup`` and ``InotifyFD`` (watchdog >= 6); with
 an older watchdog (Debian 12 ships 2.2.1) the plain observer is used, work-dir events are dropped by the
 handler instead, and a watch thread that dies is caught by the watcher's supervision.
@@ -134,8 +134,18 @@ if AVAILABLE:
                 return
             super().build_and_queue_event(event, full_events=full_events)
 
+    def _shared_reader() -> InotifyFD:
+        """watchdog's one inotify reader for the process (every root's events in the kernel's order, so a
+        move across roots arrives as its two halves in order), started afresh if the last one died."""
+        with InotifyFD._global_lock:
+            reader = InotifyFD._instance
+            if reader is None or not reader.is_alive():
+                reader = InotifyFD._instance = InotifyFD()
+                reader.start()
+            return reader
+
     class PrunedInotifyObserver(BaseObserver):
-        """An inotify observer whose recursive watches skip work dirs, with a reader of its own."""
+        """An inotify observer whose recursive watches skip work dirs."""
 
         def __init__(self, *, timeout: Any = DEFAULT_OBSERVER_TIMEOUT) -> None:
             super().__init__(PrunedInotifyEmitter, timeout=timeout)
@@ -144,17 +154,9 @@ if AVAILABLE:
         def schedule(self, event_handler: Any, path: Any, **kwargs: Any) -> Any:
             with self._lock:
                 if self._reader is None:
-                    self._reader = InotifyFD()
-                    self._reader.start()
+                    self._reader = _shared_reader()
                     self._emitter_kwargs["inotify_fd"] = self._reader
                 return super().schedule(event_handler, path, **kwargs)
-
-        def on_thread_stop(self) -> None:
-            super().on_thread_stop()
-            if self._reader is not None:
-                self._reader.stop()
-                if self._reader.is_alive():
-                    self._reader.join(timeout=2)
 
         def failure(self) -> str | None:
             """Why this observer no longer delivers events (its reader died), or None."""

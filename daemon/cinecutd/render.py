@@ -229,6 +229,18 @@ def render_status(result: Mapping[str, Any], console: Console) -> None:
             f"{clean(k)} {human_bytes(v) if k.startswith('bytes') else count(v)}" for k, v in counters.items()))
         console.print(line)
 
+    hints, hook = _map(result.get("hints")), _map(result.get("webhook"))
+    if hints.get("accepted") or hints.get("refused") or hook:
+        line = Text("Radarr/Sonarr: ", style="bold")
+        if hook:
+            line.append(f"webhook {clean(hook.get('state', '?'))} on {clean(hook.get('listen', '?'))}; ")
+        line.append(f"{count(hints.get('accepted'))} events accepted ({count(hints.get('paths'))} paths), "
+                    f"{count(hints.get('refused'))} refused")
+        last = _map(hints.get("last"))
+        if last:
+            line.append(f"; last: {clean(last.get('source'))} {clean(last.get('event'))} {when(last.get('at'))}")
+        console.print(line)
+
     if "prewarm" in result:
         console.print()
         _render_prewarm(_map(result.get("prewarm")), console)

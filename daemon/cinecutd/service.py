@@ -23,11 +23,13 @@ from cinecutd.config import EX_CONFIG, Config, ConfigError, load_config
 from cinecutd.control import ControlError, ControlServer, ControlSocketError, Router
 from cinecutd.engine import Engine
 from cinecutd.gc import collect_orphans
+from cinecutd.hints import HintRefused, HintSink, hint_from_request
 from cinecutd.instance import EX_ALREADY_RUNNING, AlreadyRunning, take_instance_lock
 from cinecutd.logs import configure_logging
 from cinecutd.memory import trim_heap
 from cinecutd.sdnotify import Notifier
 from cinecutd.watcher import Watchers
+from cinecutd.webhook import WebhookReceiver, start_receiver
 
 log = structlog.get_logger("cinecutd")
 
@@ -46,6 +48,9 @@ class Daemon:
         self.notifier = Notifier()
         self.control: ControlServer | None = None
         self.prewarm: Any = None
+        self.metrics: Any = None  # cinecutd.metrics.MetricsExporter when [metrics] asks for one
+        self.hints = HintSink(self.engine, config)  # Radarr/Sonarr events: webhook and `cinecutd arr-hook`
+        self.webhook: WebhookReceiver | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._last_status = ""
@@ -66,6 +71,9 @@ class Daemon:
                 return result
             result = eng.call(eng.status)
             result["prewarm"] = self.prewarm.status() if self.prewarm is not None else {"enabled": False, "state": "disabled"}
+            result["hints"] = self.hints.snapshot()
+            if self.webhook is not None:
+                result["webhook"] = self.webhook.status()
             return result
 
         def rescan() -> dict[str, Any]:
@@ -75,7 +83,13 @@ class Daemon:
             reports = eng.call(lambda: collect_orphans(eng.reg, apply=apply), timeout=120.0)
             return {"applied": apply, "orphans": [r.to_dict() for r in reports]}
 
-        handlers: dict[str, Any] = {"status": status, "rescan": rescan, "gc": gc}
+        def hint(**req: Any) -> dict[str, Any]:
+            try:
+                return self.hints.submit(hint_from_request(req))
+            except HintRefused as exc:
+                raise ControlError(exc.code, exc.message) from None
+
+        handlers: dict[str, Any] = {"status": status, "rescan": rescan, "gc": gc, "hint": hint}
         if self.prewarm is not None:
             pw = self.prewarm
 
@@ -157,6 +171,8 @@ class Daemon:
             log.error("control_socket_failed", socket=str(self.config.control.socket), error=str(exc))
             self._shutdown()
             return 1
+        self._start_metrics()
+        self.webhook = start_receiver(self.config.webhook, self.hints)
         self.notifier.ready(self.status_line())
         log.info("ready", films=summary["films"], duration_s=summary["duration_s"],
                  socket=str(self.config.control.socket))
@@ -169,9 +185,20 @@ class Daemon:
                 self.reload()
             if self.prewarm is not None:
                 self.prewarm.tick()
+            if self.metrics is not None:
+                self.metrics.tick()
             self._periodic()
         self._shutdown()
         return 0
+
+    def _start_metrics(self) -> None:
+        """Open the configured metric outputs (imported only then: the daemon runs without them)."""
+        if not (self.config.metrics.textfile or self.config.metrics.listen):
+            return
+        from cinecutd.metrics import MetricsExporter
+
+        self.metrics = MetricsExporter(self.config.metrics, self.engine, lambda: self.prewarm)
+        self.metrics.start()
 
     def _periodic(self) -> None:
         now = time.monotonic()
@@ -237,6 +264,11 @@ class Daemon:
         except ValueError as exc:
             log.error("reload_logging_failed", error=str(exc))
         self.engine.set_config(new)
+        self.hints.reconfigure(new)
+        if new.webhook != old.webhook:
+            if self.webhook is not None:
+                self.webhook.close()
+            self.webhook = start_receiver(new.webhook, self.hints)
         self.watchers.ensure(new.libraries)
         if new.control != old.control and self.control is not None:
             self.control.close()
@@ -247,6 +279,11 @@ class Daemon:
             self._make_prewarm()
             if self.control is not None:
                 self.control.handler = Router(self._handlers())
+        if new.metrics != old.metrics:
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
+            self._start_metrics()
         summary = self.engine.reconcile("reload")
         self.watchers.ensure(new.libraries)
         log.info("reloaded", roots=[str(lib.path) for lib in new.libraries], films=summary["films"])
@@ -269,6 +306,10 @@ class Daemon:
             self.prewarm.stop(timeout=max(0.5, deadline - time.monotonic() - 1.0))
         if self.control is not None:
             self.control.close(timeout=1.0)
+        if self.webhook is not None:
+            self.webhook.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.watchers.stop_all()
         log.info("stopped")
 

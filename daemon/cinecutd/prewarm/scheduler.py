@@ -24,7 +24,7 @@ import re
 import sys
 import tempfile
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -66,6 +66,8 @@ MAX_HISTORY: Final = 1000
 MAX_LOGS: Final = 50
 QUEUE_SHOWN: Final = 100
 WORKER_MODULE: Final = "cinecut.worker"
+#: Why a worker paused, as counted in the metrics (a wait for a pipeline's work-dir lock is not a GPU yield).
+GPU_YIELD_REASONS: Final = frozenset({"interactive", "gpu_lock", "processes", "transcodes", "vram"})
 
 
 @dataclass(slots=True)
@@ -84,6 +86,7 @@ class Job:
     stage: str | None = None
     done: int = 0
     total: int = 0
+    computed: int = 0  # frames the model described in this run (the worker's count)
     fps: float = 0.0
     cache_hit: bool = False
     salvaged: int | None = None  # frames of the plan kept from before a subtitle change, once known
@@ -102,6 +105,7 @@ class Job:
             "stage": self.stage,
             "salvaged": self.salvaged,
             "yielded": self.proc.yielded,
+            "yielded_to": self.proc.yielded_to,
             "stopping": self.proc.stop_reason,
             "device": self.device,
             "forced": self.forced,
@@ -120,6 +124,9 @@ def build_worker_argv(python: str, film: Path, pw: PrewarmConfig) -> list[str]:
         python, "-m", WORKER_MODULE, "--film", str(film), "--model", str(pw.model), "--mmproj", str(pw.mmproj),
         "--n-gpu-layers", str(pw.n_gpu_layers), "--n-ctx", str(pw.n_ctx), "--max-tokens", str(pw.max_tokens),
         "--gpu-lock", str(pw.gpu_lock), "--parallel", str(pw.parallel),
+        "--yield-to", ",".join(pw.yield_to), "--yield-vram-mb", str(pw.yield_vram_mb),
+        "--encoder-busy-percent", str(pw.encoder_busy_percent), "--quiet-seconds", str(pw.quiet_seconds),
+        "--unload-after", str(pw.unload_after_s), *(f"--yield-ignore={name}" for name in pw.yield_ignore),
     ]
     if pw.vibe:
         argv += ["--vibe", pw.vibe]
@@ -158,6 +165,11 @@ class PrewarmScheduler:
         self._attempts: dict[Path, int] = {}
         self._skip_until: dict[Path, float] = {}
         self._completed = 0
+        # For the metrics: cumulative since the daemon started.
+        self._frames_described = 0
+        self._outcomes: Counter[str] = Counter()
+        self._gpu_yields: Counter[str] = Counter()
+        self._last_success: float | None = None
         self._throughput = Throughput()
         self._jobs_started = 0
         self._consecutive_failures = 0
@@ -170,6 +182,7 @@ class PrewarmScheduler:
         self._queue_dirty = True
         self._next_settle: float | None = None
         self._log_dir: Path | None = None
+        self._remote = _remote_dispatch(self) if config.queue.enabled else None
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -192,6 +205,8 @@ class PrewarmScheduler:
         job = self._job
         if job is not None and job.film == state.film and state.stamp != job.stamp:
             job.proc.stop("the film changed")
+        if self._remote is not None:
+            self._remote.on_film_changed(state)
 
     def on_reconciled(self) -> None:
         self._queue_dirty = True
@@ -204,6 +219,10 @@ class PrewarmScheduler:
             self._poll_job(job)
         if self._job is not None:
             self._supervise(self._job)
+            return
+        if self._remote is not None:  # the jobs run on remote workers: keep the queue in step
+            wanted = self._runnable(self.pw.window.contains(self._clock())) if self.enabled and not self._paused else []
+            self._remote.tick(wanted)
             return
         if not self.enabled or self._paused:
             if self._probe is not None and not self.enabled:
@@ -428,6 +447,9 @@ class PrewarmScheduler:
                 job.done = _int(ev.get("done"), job.done)
                 job.total = _int(ev.get("total"), job.total)
                 job.fps = _float(ev.get("fps"), job.fps)
+                computed = _int(ev.get("computed"), job.computed)
+                self._frames_described += max(0, computed - job.computed)
+                job.computed = computed
                 now = time.monotonic()
                 if now - job.last_progress_log >= PROGRESS_LOG_S:
                     job.last_progress_log = now
@@ -441,8 +463,12 @@ class PrewarmScheduler:
                 log.info("prewarm_salvaged", film=str(job.film), salvaged=job.salvaged, total=job.total,
                          summary=f"salvaged {job.salvaged} of {job.total} frames")
             elif kind == "yielded":
+                why = job.proc.yield_reason or "interactive"
+                if why in GPU_YIELD_REASONS:
+                    self._gpu_yields[why] += 1
                 log.info("prewarm_yielded", film=str(job.film), done=job.done, total=job.total,
-                         reason="an interactive run asked for the GPU")
+                         reason="an interactive run asked for the GPU" if why == "interactive" else why,
+                         to=job.proc.yielded_to)
             elif kind == "resumed":
                 log.info("prewarm_resumed", film=str(job.film), done=job.done, total=job.total)
             elif kind == "done":
@@ -480,6 +506,7 @@ class PrewarmScheduler:
                 record.update(outcome="failed", reason=ex.reason)
             elif warm:
                 self._completed += 1
+                self._last_success = time.time()
                 self._consecutive_failures = 0
                 self._failures.pop(film, None)
                 self._requests.pop(film, None)
@@ -505,6 +532,7 @@ class PrewarmScheduler:
                 log.info("prewarm_abandoned", film=str(film), reason=f"the film is gone ({ex.reason})")
             else:
                 self._fail(job, ex)
+        self._outcomes[str(record["outcome"])] += 1
         self._history[film] = record
         self._history.move_to_end(film)
         while len(self._history) > MAX_HISTORY:
@@ -576,6 +604,8 @@ class PrewarmScheduler:
         self._paused = True
         job = self._job
         log.info("prewarm_paused", current=str(job.film) if job else None)
+        if self._remote is not None:
+            self._remote.cancel_all("paused")
         if job is not None:
             job.proc.stop("paused")
             return {"message": f"pre-warm paused; {job.film.name} stops after its current frame "
@@ -596,8 +626,15 @@ class PrewarmScheduler:
         """SIGHUP: new settings apply to the next job; a closed window or ``enabled = false`` stops the current
         one (at its next tick)."""
         old = self.pw
+        old_queue = self.config.queue
         self.config = config
         new = self.pw
+        if config.queue != old_queue:
+            if self._remote is not None:
+                self._remote.cancel_all("the queue was reconfigured")
+            self._remote = _remote_dispatch(self) if config.queue.enabled else None
+        elif self._remote is not None:
+            self._remote.cfg = config.queue
         if new.python != old.python:
             self._offload = None
             if self._probe is not None:
@@ -632,12 +669,17 @@ class PrewarmScheduler:
             if job.proc.stop_reason is not None:
                 return "stopping", job.proc.stop_reason
             if job.proc.yielded:
-                return "yielded", "an interactive run has the GPU"
+                return "yielded", _yield_note(job.proc, "an interactive run has the GPU")
             return "running", job.note
         if not self.enabled:
             return "disabled", None
         if self._paused:
             return "paused", None
+        if self._remote is not None:
+            r = self._remote.status()
+            if not r["connected"]:
+                return "queue-unreachable", r["error"]
+            return "remote", f"{r['queued']} queued, {len(r['running'])} running on {len(r['workers'])} worker(s)"
         if self._blocked is not None:
             return self._blocked
         if not queue:
@@ -673,8 +715,13 @@ class PrewarmScheduler:
             "settling": settling,
             "failures": [f.to_dict(p) for p, f in reversed(self._failures.items())],
             "completed": self._completed,
+            "frames_described": self._frames_described,
+            "outcomes": dict(self._outcomes),
+            "gpu_yields": dict(self._gpu_yields),
+            "last_success": self._last_success,
             "throughput": self._throughput.status(
                 films_left=len(queue) + (self._job is not None), window=self.pw.window),
+            "remote": self._remote.status() if self._remote is not None else None,
         }
 
     def film_status(self, film: str) -> dict[str, Any]:
@@ -702,6 +749,10 @@ class PrewarmScheduler:
                 out["position"] = None if pos is None else pos + 1
             else:
                 out["state"] = why
+        remote = self._remote.film_status(path) if self._remote is not None else None
+        if remote is not None:
+            out["state"] = remote["state"]  # queued, or running on a worker (named in "remote")
+            out["remote"] = remote
         req = self._requests.get(path)
         if req is not None:
             out["requested"] = {"now": req.now}
@@ -717,12 +768,15 @@ class PrewarmScheduler:
             if job.proc.stop_reason is not None:
                 return f"pre-warm: stopping {name} ({job.proc.stop_reason})"
             if job.proc.yielded:
-                return f"pre-warm: {name} yielded the GPU to an interactive run"
+                return f"pre-warm: {name} {_yield_note(job.proc, 'yielded the GPU to an interactive run')}"
             if job.total:
                 return f"pre-warm: {name} {job.done:,}/{job.total:,} frames, {job.fps:.1f} fps"
             return f"pre-warm: {name} {job.stage or 'starting'}"
         queue = self._queue()
         queued = f", {len(queue):,} queued" if queue else ""
+        if self._remote is not None and not self._paused:
+            r = self._remote.status()
+            return f"pre-warm on {len(r['workers'])} remote worker(s): {len(r['running'])} running{queued}"
         if self._paused:
             return f"pre-warm paused{queued}"
         if self._blocked is not None:
@@ -732,6 +786,22 @@ class PrewarmScheduler:
             nxt = self.pw.window.next_start(now)
             return f"pre-warm idle until {nxt:%H:%M}{queued}" if nxt else f"pre-warm idle{queued}"
         return f"pre-warm idle{queued}"
+
+
+def _yield_note(proc: WorkerProcess, default: str) -> str:
+    """What a paused job waits for, as status shows it: ``yielding to <process name>``."""
+    if proc.yield_reason == "work_dir":
+        return f"waiting for the work dir, held by {proc.yielded_to or 'a pipeline'}"
+    if proc.yielded_to:
+        return f"yielding to {proc.yielded_to}"
+    return default
+
+
+def _remote_dispatch(sched: PrewarmScheduler) -> Any:
+    """The RQ side (imported only with a queue configured: local mode needs neither rq nor redis)."""
+    from cinecutd.prewarm.remote import RemoteDispatch
+
+    return RemoteDispatch(sched)
 
 
 def _int(value: Any, default: int) -> int:

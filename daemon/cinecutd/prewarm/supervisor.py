@@ -121,6 +121,8 @@ class WorkerProcess:
         self.killed_for: str | None = None
         self.in_frames = False  # a progress event arrived: the frame timeout applies
         self.yielded = False
+        self.yielded_to: str | None = None  # whom it yielded to ("Plex Transcoder (pid 42)"), if it said
+        self.yield_reason: str | None = None
         self.error_reason: str | None = None
         self.other_output: deque[str] = deque(maxlen=5)  # stdout lines that are not events
         self._buf = bytearray()
@@ -275,10 +277,15 @@ class WorkerProcess:
         if kind == "progress":
             self.in_frames = True
             self.yielded = False  # frames are being described: whatever it waited for, it has it
+            self.yielded_to = self.yield_reason = None
         elif kind == "yielded":
             self.yielded = True
+            to, why = ev.get("to"), ev.get("reason")
+            self.yielded_to = to[:200] if isinstance(to, str) and to else None
+            self.yield_reason = why[:40] if isinstance(why, str) and why else None
         elif kind == "resumed":
             self.yielded = False
+            self.yielded_to = self.yield_reason = None
         elif kind == "error" and ev.get("reason") is not None:
             self.error_reason = str(ev["reason"])[:2000]
 

@@ -1,0 +1,203 @@
+"""Pre-warm on other hosts' GPUs through RQ on Redis, end to end with real processes: a redis-server of the
+test's own, real ``cinecut worker`` processes (each with its own view of the library through its own path
+map, the tiny generated LLaVA pair, its own GPU lock), and a real ``cinecutd`` as the coordinator.
+
+Jobs are caught at a known point the way the local pre-warm tests do it: the test holds a worker's GPU
+lock as an interactive run would, and the worker yields to it between frames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_harness import Daemon, DaemonRunner, Library, render_config, temp_then_rename, wait_for
+from remote_harness import RedisServer, Worker, worker_argv
+
+from cinecut.demo.film import SyntheticFilm
+from cinecut.demo.tinymodel import TinyLlava
+from cinecut.inference.cache import CacheState, cache_state
+from cinecut.inference.partial import read_partial
+from cinecut.locks import GpuLock
+from cinecut.remote import protocol
+from cinecut.stamp import SourceStamp
+from cinecut.workdir import WorkDir
+
+JOB_S = 90.0
+
+
+class Setup:
+    """One library (the coordinator's real path), views of it per worker (symlinked roots), Redis."""
+
+    def __init__(self, runner: DaemonRunner, model: TinyLlava, template: SyntheticFilm, redis: RedisServer) -> None:
+        self.runner, self.model, self.template, self.redis = runner, model, template, redis
+        self.lib = runner.library("nas/films")
+        self.workers: list[Worker] = []
+        self.gates: dict[str, GpuLock] = {}
+
+    def view(self, name: str) -> Path:
+        """The library as worker ``name`` mounts it: another path to the same folder."""
+        v = self.runner.base / f"host-{name}" / "media"
+        v.parent.mkdir(parents=True, exist_ok=True)
+        if not v.is_symlink():
+            v.symlink_to(self.lib, target_is_directory=True)
+        return v
+
+    def gpu_lock(self, name: str) -> Path:
+        return self.runner.base / f"host-{name}" / "gpu.lock"
+
+    def gate(self, name: str) -> GpuLock:
+        if name not in self.gates:
+            self.gpu_lock(name).parent.mkdir(parents=True, exist_ok=True)
+            self.gates[name] = GpuLock(self.gpu_lock(name), purpose="test: an interactive run", interactive=True)
+        return self.gates[name]
+
+    def worker(self, name: str, *, start: bool = True) -> Worker:
+        argv = worker_argv(name=name, url=self.redis.url, maps=[f"{self.lib}={self.view(name)}"],
+                           model=self.model.model_path, mmproj=self.model.mmproj_path, gpu_lock=self.gpu_lock(name))
+        w = Worker(self.runner.base, name, argv)
+        self.workers.append(w)
+        return w.start() if start else w
+
+    def start(self) -> Daemon:
+        text = render_config([Library(self.lib)], socket=self.runner.socket,
+                             daemon={"state_dir": str(self.runner.base / "state")})
+        text += "\n".join(["", "[prewarm]", "enabled = true", 'window = "always"', "settle_seconds = 0.5", "",
+                           "[queue]", f"redis = {json.dumps(self.redis.url)}", ""])
+        path = self.runner.base / "cinecutd.toml"
+        path.write_text(text)
+        return self.runner.daemon(path).start()
+
+    def drop(self, stem: str) -> Path:
+        folder = self.lib / stem
+        folder.mkdir()
+        assert self.template.subtitle is not None
+        shutil.copyfile(self.template.subtitle, folder / f"{stem}.srt")
+        film = folder / f"{stem}{self.template.video.suffix}"
+        shutil.copyfile(self.template.video, film)
+        return film
+
+    def done_events(self) -> list[dict[str, Any]]:
+        return [e for w in self.workers for e in w.events("job_done")]
+
+    def close(self) -> None:
+        for g in self.gates.values():
+            g.release()
+        for w in self.workers:
+            w.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    r = RedisServer(tmp_path).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def s(tmp_path: Path, tiny_llava: TinyLlava, synthetic_film_template: SyntheticFilm,
+      redis_server: RedisServer) -> Iterator[Setup]:
+    with DaemonRunner(tmp_path) as runner:
+        setup = Setup(runner, tiny_llava, synthetic_film_template, redis_server)
+        try:
+            yield setup
+        finally:
+            setup.close()
+
+
+def cache_valid(film: Path) -> bool:
+    return cache_state(film, WorkDir.for_film(film))[0] is CacheState.VALID
+
+
+def remote(d: Daemon) -> dict[str, Any]:
+    return d.status()["prewarm"]["remote"]
+
+
+def partial_done(film: Path) -> int:
+    p = read_partial(WorkDir.for_film(film).partial_cache_path)
+    return 0 if p is None else len(p.results)
+
+
+def catch_mid_inference(s: Setup, name: str, film: Path) -> int:
+    """With worker ``name``'s GPU held, let it describe a frame or two, then take the GPU back; returns the
+    frames saved in the partial while the worker sits yielded (nothing in flight)."""
+    gate = s.gate(name)
+    wait_for(lambda: any(e.get("film") == str(film) for e in _w(s, name).events("job_started")), JOB_S,
+             what="the job started")
+    pause = 0.1
+    for _ in range(14):
+        gate.release()
+        time.sleep(pause)
+        gate.acquire(timeout=60)
+        done = partial_done(film)
+        if done >= 1:
+            total = len(json.loads(WorkDir.for_film(film).timestamps_path.read_text()))
+            assert done < total, "the job ran to its end while the gate was open"
+            return done
+        pause *= 1.5
+    raise AssertionError("could not catch the worker mid-inference")
+
+
+def _w(s: Setup, name: str) -> Worker:
+    return next(w for w in s.workers if w.name == name)
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_forged_jobs_are_refused_and_nothing_outside_the_libraries_is_touched(
+        tmp_path: Path, tiny_llava: TinyLlava, synthetic_film_template: SyntheticFilm,
+        redis_server: RedisServer) -> None:
+    from rq import Queue
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    outside = tmp_path / "private"
+    outside.mkdir()
+    secret = outside / "Secret (2020).mkv"
+    shutil.copyfile(synthetic_film_template.video, secret)
+    (lib / "Escape (2021)").mkdir()
+    (lib / "Escape (2021)" / "Escape (2021).mkv").symlink_to(secret)  # a symlink out of the library
+    (lib / "Out").symlink_to(outside, target_is_directory=True)  # a symlinked folder out of it
+    marker = tmp_path / "pwned"
+    w = Worker(tmp_path, "w1", worker_argv(name="w1", url=redis_server.url, maps=[f"/movies={lib}"],
+                                           model=tiny_llava.model_path, mmproj=tiny_llava.mmproj_path,
+                                           gpu_lock=tmp_path / "gpu.lock")).start()
+    try:
+        conn = redis_server.client()
+        q = Queue(protocol.QUEUE_NAME, connection=conn, serializer=protocol.serializer())
+        stamp = SourceStamp.of(secret)
+
+        def job(film: str, root: str) -> None:
+            q.enqueue_call(protocol.JOB_FUNC, args=(protocol.Payload(film, root, stamp).to_json(),),
+                           job_id=protocol.job_id(film, stamp), timeout=-1)
+
+        job(str(secret), str(outside))  # a root the worker does not map
+        job(str(outside / "x" / "Secret (2020).mkv"), "/movies")  # not under its root
+        job("/movies/../private/Secret (2020).mkv", "/movies")  # climbing out
+        job("/movies/Escape (2021)/Escape (2021).mkv", "/movies")  # a symlink out of the library
+        job("/movies/Out/Secret (2020).mkv", "/movies")  # a symlinked folder out of the library
+        q.enqueue_call(protocol.JOB_FUNC, args=({"v": 1, "film": 5},), job_id="garbage")  # not a payload
+        # Not our function at all: RQ would import and call anything a job names.
+        q.enqueue_call("subprocess.call", args=(["touch", str(marker)],), job_id="forged-function")
+        wait_for(lambda: len(w.events("job_refused")) >= 7, 30, what="seven refusals")
+        refused = w.events("job_refused")
+        assert any("not one this worker maps" in e["reason"] for e in refused)
+        assert any("not inside its library root" in e["reason"] for e in refused)
+        assert any("outside the mapped library" in e["reason"] for e in refused)
+        assert any("not a plain absolute path" in e["reason"] for e in refused)
+        assert any("not subprocess.call" in e["reason"] or "'subprocess.call'" in e["reason"] for e in refused)
+        assert not marker.exists()
+        assert not w.events("job_started")
+        assert not WorkDir.for_film(secret).path.exists(), "a work dir was created outside the libraries"
+        assert os.listdir(outside) == ["Secret (2020).mkv"]
+        assert w.proc is not None and w.proc.poll() is None, "a forged job took the worker down"
+        assert conn.get(protocol.worker_key("w1")) is not None  # still heartbeating
+    finally:
+        w.stop()
