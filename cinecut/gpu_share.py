@@ -250,6 +250,27 @@ def make_probe() -> GpuProbe:
         return UnavailableProbe(f"NVML unavailable: {exc}")
 
 
+
+def main() -> int:
+    """``python -m cinecut.gpu_share``: what the real probe sees now and whom the default policy would yield
+    to (run it on a machine with a GPU, e.g. during a Plex transcode)."""
+    import dataclasses
+    import json
+
+    probe = make_probe()
+    try:
+        snap = probe.snapshot()
+        busy = GpuShare(probe).judge(snap)
+    finally:
+        probe.close()
+    print(json.dumps({"probe": type(probe).__name__, "snapshot": dataclasses.asdict(snap),
+                      "yield_to": dataclasses.asdict(busy) if busy else None}, indent=2))
+    return 0 if snap.error is None else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
 __all__ = [
     "YIELD_REASONS",
     "Busy",

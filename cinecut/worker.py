@@ -9,7 +9,9 @@ object per line, flushed at once::
     {"event": "cache_hit"}
     {"event": "salvaged", "salvaged": n, "total": m}            n of the plan's m frames kept from before a
                                                                 subtitle change (not described again)
-    {"event": "progress", "done": n, "total": m, "fps": x}     at most every 0.5 s, and at the end
+    {"event": "progress", "done": n, "total": m, "fps": x, "computed": k}
+                                                                at most every 0.5 s, and at the end; k: frames
+                                                                the model described in this run
     {"event": "yielded", "reason": r, "to": who} / {"event": "resumed"}
                                                                 the GPU went to someone and back (or was
                                                                 busy before the first frame); r: interactive,

@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
 # Runtime and build: ffmpeg, libsystemd-dev + pkg-config (systemd-python), a compiler and cmake (llama-cpp-python).
-# Tests: rsync (a replacement pattern), systemd + util-linux (the sd-sandbox service tests), and what the .deb
+# Tests: rsync (a replacement pattern), redis-server (the remote pre-warm queue), systemd + util-linux (the sd-sandbox service tests), and what the .deb
 # is built with and depends on (it installs into the sandbox from these).
 debs=(ffmpeg libsystemd-dev pkg-config python3-venv python3-dev build-essential cmake rsync git
-      systemd util-linux passwd
+      systemd util-linux passwd redis-server
       debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel dpkg-dev fakeroot
       python3-msgpack python3-watchdog python3-structlog python3-systemd python3-rich python3-pydantic python3-prometheus-client)
 missing=()

@@ -136,7 +136,7 @@ def worker_argv(*, name: str, url: str, maps: Sequence[str], model: Path, mmproj
                 extra: Sequence[str] = ()) -> list[str]:
     argv = [str(BIN / "cinecut"), "worker", "--queue", url, "--name", name, "--model", str(model),
             "--mmproj", str(mmproj), "--gpu-lock", str(gpu_lock), "--n-gpu-layers", "0", "--poll", "0.2",
-            "--lease", "1.5", "--heartbeat", "0.5"]
+            "--lease", "1.5", "--heartbeat", "0.5", "--max-keyframes", "4"]
     for m in maps:
         argv += ["--path-map", m]
     return argv + list(extra)

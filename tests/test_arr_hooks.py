@@ -13,6 +13,7 @@ import base64
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -399,3 +400,191 @@ def test_systemd_dropin_opens_the_network_only_for_the_webhook(runner: DaemonRun
     assert "PrivateNetwork=no" in lines
     assert "RestrictAddressFamilies=AF_UNIX AF_INET" in lines
     assert "IPAddressAllow=172.17.0.0/16" in lines
+
+
+def test_the_hint_command_checks_its_arguments(runner: DaemonRunner) -> None:
+    from cinecutd.client import DaemonError
+
+    lib = runner.library("films")
+    film = make_film_with_work_dir(lib / "Heat (1995)")
+    d = start(runner, [Library(lib)], webhook={"listen": ""})
+    for bad in ({"paths": "not a list"}, {"paths": [1, 2]}, {"moves": [["only one"]]}, {"moves": "x"}):
+        with pytest.raises(DaemonError) as err:
+            d.request("hint", event="Download", **bad)
+        assert err.value.code == "bad_request", bad
+    with pytest.raises(DaemonError) as err:
+        d.request("hint", event="Download", paths=[str(lib)])  # the root itself is not a film
+    assert err.value.code == "outside_libraries"
+    with pytest.raises(DaemonError) as err:
+        d.request("hint", event="Download", paths=["/x"] * 6000)
+    assert err.value.code == "too_many_paths"
+    assert d.request("hint", event="Download", paths=[str(film.path)])["queued"]
+    assert d.request("ping")["pong"] and warm(film)
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def test_path_map_is_longest_prefix_by_whole_components() -> None:
+    from cinecutd.config import PathMapConfig
+    from cinecutd.pathmap import PathMap, PathRefused
+
+    m = PathMap([PathMapConfig(Path("/movies"), Path("/srv/films")),
+                 PathMapConfig(Path("/movies/4k"), Path("/nas/4k"))])
+    assert m("/movies/Heat/Heat.mkv") == "/srv/films/Heat/Heat.mkv"
+    assert m("/movies/4k/Heat.mkv") == "/nas/4k/Heat.mkv"
+    assert m("/movies/4kHDR/Heat.mkv") == "/srv/films/4kHDR/Heat.mkv"
+    assert m("/movies2/Heat.mkv") == "/movies2/Heat.mkv"
+    assert m("//movies/./Heat//x.mkv") == "/srv/films/Heat/x.mkv"
+    assert m("/movies/../etc/passwd") == "/etc/passwd"  # no escaping a mapping with ".."
+    assert m("/movies") == "/srv/films"
+    for bad in ("movies/x.mkv", "", "/a\x00b", None, 5):
+        with pytest.raises(PathRefused):
+            m(bad)
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ('[webhook]\nlisten = "0.0.0.0:8787"\n', "webhook.token: is required when listen is not a loopback address"),
+    ('[webhook]\nlisten = "localhost:8787"\n', 'webhook.listen: must be "IP:PORT"'),
+    ('[webhook]\nlisten = "127.0.0.1:99999"\n', "webhook.listen: port must be 0 to 65535"),
+    ('[webhook]\ntoken = "short"\n', "webhook.token: must be at least 16"),
+    ('[webhook]\ntoken = "0123456789abcdef0"\ntoken_file = "/etc/t"\n', "webhook.token_file: give either"),
+    ('[webhook]\nallow = ["nonsense"]\n', "webhook.allow: [0] must be an IP address or network"),
+    ('[path_map]\nfrom = "/a"\nto = "/b"\n', "path_map: must be an array of tables"),
+    ('[[path_map]]\nfrom = "/a"\n', "path_map[0].to: is required"),
+    ('[[path_map]]\nfrom = "a"\nto = "/b"\n', "path_map[0].from: must be an absolute path"),
+    ('[[path_map]]\nfrom = "/a/"\nto = "/b"\n[[path_map]]\nfrom = "/a"\nto = "/c"\n',
+     'path_map[1].from: "/a" is already path_map[0].from'),
+])
+def test_webhook_and_path_map_config_errors(tmp_path: Path, text: str, error: str) -> None:
+    from cinecutd.config import ConfigError, load_config
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[library]]\npath = "{tmp_path}"\n' + text)
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert error in str(err.value)
+
+
+def test_a_token_file_readable_by_others_keeps_the_webhook_off(runner: DaemonRunner) -> None:
+    lib = runner.library("films")
+    token_file = runner.base / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o644)
+    d = start(runner, [Library(lib)], webhook={"token": "", "token_file": str(token_file)})
+    webhook = d.status()["webhook"]
+    assert webhook["state"] == "failed" and "readable by others" in webhook["error"], webhook
+    assert any("readable by others" in r.get("error", "") for r in d.logs("webhook_failed"))
+    check = subprocess.run([*daemon_command(), "status", "--check", "--socket", str(d.socket)], capture_output=True,
+                           text=True, timeout=30)
+    assert check.returncode == 1 and "readable by others" in check.stdout, check
+    token_file.chmod(0o600)
+    d = runner.restart(d)
+    status, _ = post(port_of(d), radarr("Test"), how="bearer")
+    assert status == 200
+    check = subprocess.run([*daemon_command(), "status", "--check", "--socket", str(d.socket)], capture_output=True,
+                           text=True, timeout=30)
+    assert check.returncode == 0 and check.stdout.strip() == "healthy", check
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+@pytest.mark.parametrize("listen", ["127.0.0.1:8787", "172.17.0.1:8787"])
+def test_the_webhook_dropin_verifies_and_keeps_the_unit_hardened(tmp_path: Path, listen: str) -> None:
+    from test_systemd_unit import MAX_EXPOSURE, UNIT, analyze, exposure, runnable_copy
+
+    from cinecutd.config import parse_config
+    from cinecutd.dropin import render_dropin
+    from cinecutd.webhook import dropin_lines
+
+    cfg = parse_config({"library": [{"path": "/srv/media/films"}],
+                        "webhook": {"listen": listen, "token": TOKEN, "allow": [] if "127." in listen else
+                                    ["172.17.0.0/16"]}}, tmp_path / "c.toml")
+    dropin = render_dropin(["/srv/media/films"]) + "".join(f"{line}\n" for line in dropin_lines(cfg.webhook))
+    verify_dir = tmp_path / "verify"
+    verify_dir.mkdir()
+    unit = runnable_copy(verify_dir, dropin)
+    r = analyze("verify", unit.name, cwd=verify_dir)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    (tmp_path / UNIT.name).write_text(UNIT.read_text() + "\n" + dropin)
+    score = exposure(tmp_path)
+    print(f"systemd-analyze security --offline=yes with the webhook drop-in ({listen}): {score}")
+    assert score <= MAX_EXPOSURE
+
+
+def test_silent_and_trickling_clients_cannot_hold_the_webhook(runner: DaemonRunner) -> None:
+    """Connections that never finish their request hold a thread for at most the request deadline; the
+    connection beyond ``threads`` is answered 503 at once, and the control socket never waits."""
+    import socket
+
+    from cinecutd.webhook import REQUEST_DEADLINE_S
+
+    lib = runner.library("films")
+    d = start(runner, [Library(lib)], webhook={"threads": 2})
+    port = port_of(d)
+    silent = socket.create_connection(("127.0.0.1", port))
+    trickle = socket.create_connection(("127.0.0.1", port))
+    stop = threading.Event()
+
+    def drip() -> None:
+        for byte in b"POST / HTTP/1.1\r\nHost: x\r\n" * 100:
+            if stop.wait(0.5):
+                return
+            try:
+                trickle.send(bytes([byte]))
+            except OSError:
+                return
+
+    dripper = threading.Thread(target=drip)
+    dripper.start()
+    try:
+        t0 = time.monotonic()
+        wait_for(lambda: post(port, radarr("Test"))[0] == 503, what="both threads held")
+        assert d.request("ping", timeout=2)["pong"]
+        wait_for(lambda: post(port, radarr("Test"))[0] == 200, timeout=REQUEST_DEADLINE_S + 10,
+                 what="the held threads freed at the deadline")
+        assert time.monotonic() - t0 < REQUEST_DEADLINE_S + 10
+        silent.settimeout(5)
+        assert silent.recv(1024) == b""  # cut off, without an answer it never asked for
+    finally:
+        stop.set()
+        dripper.join()
+        silent.close()
+        trickle.close()
+    assert clean_log(d)
+
+
+def test_a_big_hint_is_applied_in_turns_and_a_big_folder_becomes_a_rescan(runner: DaemonRunner) -> None:
+    from daemon_harness import make_film
+
+    from cinecutd.hints import FOLDER_RESCAN_FILMS, PATHS_PER_TURN
+
+    lib = runner.library("films")
+    film = make_film_with_work_dir(lib / "Heat (1995)")
+    for i in range(FOLDER_RESCAN_FILMS + 1):
+        make_film(lib / "All" / f"F{i}", f"F{i}", size=4096, subtitles=(), trailer=None)
+    d = start(runner, [Library(lib, watch="poll", poll_interval=POLL_S)], webhook={"listen": ""})
+    replace_in_place(film.path)
+    gone = [f"{lib}/G/{i}.mkv" for i in range(20 * PATHS_PER_TURN)]
+    assert d.request("hint", event="Download", paths=[*gone, str(film.path)])["queued"]
+    wait_for(lambda: video_invalidated(film), timeout=CAUGHT_S, what="the last path of a big hint")
+    wait_for(lambda: d.status()["hints"]["pending"] == 0, what="hint done")
+    assert d.counter("hints") == 1 and d.counter("hint_events") == len(gone) + 1
+    rescans = d.counter("rescans")
+    assert d.request("hint", event="MovieDelete", paths=[str(lib / "All")])["queued"]
+    wait_for(lambda: d.counter("hint_rescans") == 1 and d.counter("rescans") == rescans + 1, what="a rescan")
+    assert d.counter("hint_events") == len(gone) + 1  # no burst of events for the big folder
+    assert d.status()["films"]["total"] == FOLDER_RESCAN_FILMS + 2
+
+
+def test_the_webhook_follows_a_reload(runner: DaemonRunner) -> None:
+    lib = runner.library("films")
+    d = start(runner, [Library(lib)], webhook={"listen": ""})
+    assert "webhook" not in d.status()
+    text = d.config.read_text().replace('listen = ""', 'listen = "127.0.0.1:0"')
+    d.reload(text)
+    port = port_of(d)
+    assert post(port, radarr("Test"))[0] == 200
+    d.reload(text.replace('listen = "127.0.0.1:0"', 'listen = ""'))
+    wait_for(lambda: "webhook" not in d.status(), what="webhook off after reload")
+    with pytest.raises(OSError):
+        post(port, radarr("Test"))

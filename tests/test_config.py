@@ -162,7 +162,7 @@ ERRORS = [
      'settle_seconds, log_format, log_level, orphans, orphan_grace_days, state_dir, video_extensions, '
      'subtitle_extensions'),
     (LIB + '[deamon]\n', 'deamon: unknown table (did you mean "daemon"?); known keys: daemon, library, control, '
-                         'prewarm, metrics, webhook, path_map'),
+                         'prewarm, metrics, webhook, queue, path_map'),
     (LIB + 'colour = "red"\n', "library[0].colour: unknown key; known keys: path, watch, poll_interval, "
                                "video_extensions, subtitle_extensions"),
     ("", "library: at least one [[library]] table with a path is required"),

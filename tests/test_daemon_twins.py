@@ -135,13 +135,14 @@ def test_owner_renamed_takes_its_work_dir_and_the_twin_stays_cold(runner: Daemon
     assert not d.film_status(twin.path)["conflict"]
 
 
-def test_folder_with_twins_moved_keeps_the_owner(runner: DaemonRunner) -> None:
+@pytest.mark.parametrize("across_roots", [False, True], ids=["same_root", "other_root"])
+def test_folder_with_twins_moved_keeps_the_owner(runner: DaemonRunner, across_roots: bool) -> None:
     """The folder moves with both twins and the work dir: the stored paths follow the owner, not the twin,
-    whichever of the two the daemon handles first."""
-    lib = runner.library("films")
+    whichever of the two the daemon handles first (across roots, the new folder is listed in any order)."""
+    lib, other_root = runner.library("films"), runner.library("films-4k")
     owner, twin = _twins(lib / "Heat (1995)")
-    d = runner.start([Library(lib)])
-    folder = lib / "Heat (1995) {imdb-tt0113277}"
+    d = runner.start([Library(lib), Library(other_root)])
+    folder = (other_root if across_roots else lib) / "Heat (1995) {imdb-tt0113277}"
     os.rename(owner.path.parent, folder)
     new_owner, new_twin = _moved_under(owner, folder), _moved_under(twin, folder)
     wait_for(lambda: warm(new_owner) and _registered(d, new_twin.path), what="paths rewritten for the owner")

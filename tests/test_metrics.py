@@ -273,3 +273,42 @@ def test_scrapes_from_many_threads_while_the_daemon_works(runner: DaemonRunner) 
         t.join(60)
     assert not errors, errors[0]
     assert d.status()["films"]["total"] == 20
+
+
+def test_the_dropin_grants_the_textfile_folder_and_loopback_only(runner: DaemonRunner, tmp_path: Path) -> None:
+    """``cinecutd systemd-dropin`` (the real CLI) makes the textfile's folder writable and, for ``listen``,
+    gives the unit the host's loopback and nothing more; systemd accepts the result and the hardening
+    score stays within bounds."""
+    import shutil
+    import subprocess
+
+    from daemon_harness import daemon_command
+    from test_systemd_unit import MAX_EXPOSURE, UNIT, analyze, directives, exposure, runnable_copy
+
+    lib = runner.library()
+
+    def dropin(metrics: dict[str, object]) -> str:
+        cfg = _config(runner, lib, metrics=metrics, prewarm=False)
+        r = subprocess.run([*daemon_command(), "systemd-dropin", "--config", str(cfg)], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    plain = dropin({})
+    assert "PrivateNetwork" not in plain and "node-exporter" not in plain
+    text = dropin({"textfile": "/var/lib/prometheus/node-exporter/cinecut.prom", "listen": "127.0.0.1:9817"})
+    found = directives(text)
+    assert ("Service", "ReadWritePaths", '"-/var/lib/prometheus/node-exporter"') in found
+    assert ("Service", "PrivateNetwork", "no") in found
+    assert ("Service", "IPAddressAllow", "localhost") in found
+    assert not any(d[1] == "IPAddressDeny" for d in found)  # the unit's IPAddressDeny=any stays
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    (tmp_path / "verify").mkdir()
+    unit = runnable_copy(tmp_path / "verify", text)
+    r = analyze("verify", unit.name, cwd=unit.parent)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    merged = tmp_path / "score"
+    merged.mkdir()
+    (merged / UNIT.name).write_text(UNIT.read_text() + "\n" + text)
+    assert exposure(merged) <= MAX_EXPOSURE

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,7 @@ from cinecut.stamp import SourceStamp
 from cinecut.workdir import WorkDir
 
 JOB_S = 90.0
+BIN = Path(sys.executable).parent
 
 
 class Setup:
@@ -201,3 +204,97 @@ def test_forged_jobs_are_refused_and_nothing_outside_the_libraries_is_touched(
         assert conn.get(protocol.worker_key("w1")) is not None  # still heartbeating
     finally:
         w.stop()
+
+
+def test_two_workers_with_their_own_views_warm_every_film_exactly_once(s: Setup) -> None:
+    d = s.start()
+    films = [s.drop(f"Film {i} (2024)") for i in range(3)]
+    s.worker("alpha")
+    s.worker("beta")
+    wait_for(lambda: all(map(cache_valid, films)) and d.status()["prewarm"]["completed"] == 3, JOB_S * 2,
+             what="every film warmed")
+    done = s.done_events()
+    by_film = {f: [e for e in done if e["film"] == str(f)] for f in films}
+    assert all(len(v) == 1 for v in by_film.values()), by_film  # exactly once
+    for (e,) in by_film.values():
+        assert e["frames_computed"] == e["frames"] >= 2 and not e["cache_hit"]
+    started = [e for w in s.workers for e in w.events("job_started")]
+    assert len(started) == 3
+    # Each worker reached the film through its own path map (the root it maps is the coordinator's).
+    for w in s.workers:
+        for e in w.events("job_started"):
+            assert e["film"].startswith(str(s.lib) + "/")
+    st = d.status()["prewarm"]
+    assert st["state"] == "remote" and st["failures"] == []
+    workers = wait_for(lambda: (ws := remote(d)["workers"]) and all(w["state"] == "idle" for w in ws) and ws, 10,
+                       what="the workers idle in status")
+    assert {w["name"] for w in workers} == {"alpha", "beta"}
+    assert all(w["host"] and w["last_seen"] > time.time() - 10 for w in workers)
+    last = d.film_status(films[0])["prewarm"]["last"]
+    assert last["outcome"] == "done" and last["remote"] and last["worker"] in ("alpha", "beta")
+    # Nothing left in Redis to run again.
+    conn = s.redis.client()
+    assert conn.llen(f"rq:queue:{protocol.QUEUE_NAME}") == 0
+
+
+def test_a_film_replaced_mid_job_is_stopped_and_queued_again_under_its_new_stamp(s: Setup) -> None:
+    gate = s.gate("alpha")
+    gate.acquire(timeout=5)  # an interactive run on alpha's host: the job waits for the GPU
+    d = s.start()
+    film = s.drop("Replaced (2024)")
+    w = s.worker("alpha")
+    first = wait_for(lambda: w.events("job_started"), JOB_S, what="the first job")[0]
+    wait_for(lambda: (r := remote(d)["running"]) and r[0].get("stage") == "yielded", JOB_S,
+             what="the coordinator sees the job on alpha, yielded")
+    fs = d.film_status(film)["prewarm"]
+    assert fs["state"] == "running" and fs["remote"]["worker"] == "alpha" and fs["remote"]["host"]
+    human = subprocess.run([str(BIN / "cinecutd"), "status", "--socket", str(d.socket)], capture_output=True,
+                           text=True, timeout=30)
+    assert human.returncode == 0, human.stderr
+    assert "Workers (1)" in human.stdout and "alpha" in human.stdout and film.name in human.stdout, human.stdout
+    temp_then_rename(film, s.template.video.read_bytes())  # a new file: a new stamp
+    stopped = wait_for(lambda: w.events("job_stopped"), 30, what="the running job stopped")[0]
+    assert stopped["job_id"] == first["job_id"]
+    assert d.logs("prewarm_stopping") and d.logs("prewarm_stopping")[0]["reason"] == "the film changed"
+    gate.release()
+    wait_for(lambda: cache_valid(film) and d.status()["prewarm"]["completed"] == 1, JOB_S, what="warm again")
+    done = w.events("job_done")
+    assert len(done) == 1 and done[0]["job_id"] == protocol.job_id(str(film), SourceStamp.of(film))
+    assert done[0]["job_id"] != first["job_id"]
+    assert len(w.events("job_started")) == 2
+
+
+def test_a_worker_killed_mid_job_loses_it_and_another_resumes_with_no_frame_redone(s: Setup) -> None:
+    s.gate("alpha").acquire(timeout=5)
+    d = s.start()
+    film = s.drop("Killed (2024)")
+    alpha = s.worker("alpha")
+    saved = catch_mid_inference(s, "alpha", film)
+    alpha.kill()  # a power cut mid-job: no goodbye, the lease just stops being renewed
+    beta = s.worker("beta")
+    wait_for(lambda: cache_valid(film) and d.status()["prewarm"]["completed"] == 1, JOB_S, what="beta finished")
+    (done,) = beta.events("job_done")
+    assert done["frames_computed"] == done["frames"] - saved, (done, saved)  # 0 frames redone
+    assert d.logs("prewarm_requeued") and "lease" in d.logs("prewarm_requeued")[0]["reason"]
+    assert d.film_status(film)["prewarm"]["last"]["worker"] == "beta"
+
+
+def test_redis_restarted_mid_run_loses_nothing_and_does_nothing_twice(s: Setup) -> None:
+    gate = s.gate("alpha")
+    gate.acquire(timeout=5)
+    d = s.start()
+    films = [s.drop(f"Restart {i} (2024)") for i in range(2)]
+    w = s.worker("alpha")
+    wait_for(lambda: w.events("job_started"), JOB_S, what="a job on alpha")
+    s.redis.stop()  # every key is gone: queue, jobs, leases, heartbeats (no persistence)
+    wait_for(lambda: d.logs("queue_unreachable"), 20, what="the coordinator notices")
+    s.redis.start()
+    wait_for(lambda: len(d.logs("queue_connected")) >= 2, 30, what="the coordinator reconnected")
+    gate.release()
+    wait_for(lambda: all(map(cache_valid, films)) and d.status()["prewarm"]["completed"] == 2, JOB_S * 2,
+             what="both films warm after the restart")
+    for f in films:
+        done = [e for e in w.events("job_done") if e["film"] == str(f)]
+        computed = sum(e["frames_computed"] for e in done)
+        assert done and computed == done[0]["frames"], (f, done)  # nothing lost, nothing computed twice
+    assert d.status()["prewarm"]["failures"] == []

@@ -30,7 +30,8 @@ def test_churn_soak_keeps_every_invariant(tmp_path: Path) -> None:
     # It really churned: every kind of operation ran, the daemon invalidated and migrated, pipelines ran
     # and sometimes held the lock while a film changed under them.
     assert set(res.op_counts) >= {"rename_film_and_subs", "move_folder_across_roots", "upgrade_rename_over",
-                                  "touch", "subtitle_edit", "delete", "arrive_slow_copy"}, res.op_counts
+                                  "touch", "subtitle_edit", "delete", "arrive_slow_copy", "twin_arrive",
+                                  "twin_rename_away"}, res.op_counts
     assert res.invalidations >= 40 and res.migrations >= 20, summary
     assert res.pipeline_runs >= 40, summary
     assert res.final.warm >= 5, summary

@@ -201,7 +201,8 @@ def test_sigterm_stops_after_the_current_frame_with_exit_3(film: Path, tiny_llav
     assert "error" not in w.names() and "done" not in w.names()
     k = partial_count(film)
     assert 1 <= k < total
-    assert w.seen[-1] == {"event": "progress", "done": k, "total": total, "fps": w.seen[-1]["fps"]}
+    assert w.seen[-1] == {"event": "progress", "done": k, "total": total, "fps": w.seen[-1]["fps"],
+                          "computed": w.seen[-1]["computed"]}
     again = Worker(film, tiny_llava, lock)
     assert again.wait() == 0, again.stderr
     assert again.seen[-1]["frames_computed"] == total - k  # zero frames re-done

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from datetime import datetime
 from ipaddress import ip_address
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 from urllib.parse import urlparse
 
@@ -57,11 +56,33 @@ def foreign(job: Any) -> str | None:
     return None
 
 
-def _worker_class() -> type:
+def _worker_class(poll: float, window: Any) -> type:
     from rq import SimpleWorker
+    from rq.exceptions import StopRequested
 
     class CinecutWorker(SimpleWorker):  # type: ignore[misc,valid-type]
-        """RQ's in-process worker; a stop request becomes our between-frames flag, foreign jobs are refused."""
+        """RQ's in-process worker; a stop request becomes our between-frames flag, foreign jobs are refused,
+        and no job is taken outside the window."""
+
+        @property
+        def dequeue_timeout(self) -> int:
+            return max(1, int(poll))
+
+        def subscribe(self) -> None:
+            # RQ's pubsub thread sleeps up to 60 s between reads, which a shutdown then waits for.
+            self.pubsub = self.connection.pubsub()
+            self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+            self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=0.2, daemon=True)
+
+        def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+            while window is not None and not window.contains(datetime.now()):
+                jobmod.CURRENT.state = "outside-window"
+                if _STOPPING.wait(min(poll, 30.0)):
+                    raise StopRequested()
+                self.heartbeat()
+            if _STOPPING.is_set():
+                raise StopRequested()
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
 
         def kill_horse(self, sig: Any = None) -> None:
             jobmod.CURRENT.stop.set()
@@ -230,32 +251,31 @@ def run(opts: dict[str, Any]) -> int:
     jobmod.SETTINGS, jobmod.CONNECTION = settings, conn
     poll = float(opts["poll"])
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        _STOPPING.set()
-        jobmod.CURRENT.stop.set()
-
     heartbeat = Heartbeat(conn, settings, float(opts["heartbeat"]), window)
     heartbeat.start()
-    cls = _worker_class()
+    cls = _worker_class(poll, window)
     jobmod._report("worker_started", host=host, queue=protocol.redact(str(opts["queue"])),
                    roots=[str(k) for k, _ in settings.paths.entries], pid=os.getpid())
     backoff = 0.5
+
+    def on_signal(signum: int, _frame: object) -> None:
+        _STOPPING.set()
+        jobmod.CURRENT.stop.set()
+
     try:
         while not _STOPPING.is_set():
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
-            if window is not None and not window.contains(datetime.now()):
-                _STOPPING.wait(min(poll, 60.0))
-                continue
             try:
                 heartbeat.beat()
                 from rq import Queue
 
                 q = Queue(protocol.QUEUE_NAME, connection=conn, serializer=protocol.serializer())
-                w = cls([q], connection=conn, name=settings.name, serializer=protocol.serializer())
+                # RQ's own record: unique per process (a killed run's record outlives it by minutes).
+                w = cls([q], connection=conn, name=f"{settings.name}.{os.getpid()}", serializer=protocol.serializer())
                 try:
-                    w.work(burst=True, logging_level="WARNING")
-                finally:  # RQ installs its own handlers for the burst; ours take over again
+                    w.work(burst=False, logging_level="WARNING")  # returns on a stop, or on a Redis failure
+                finally:
                     signal.signal(signal.SIGTERM, on_signal)
                     signal.signal(signal.SIGINT, on_signal)
                 backoff = 0.5
@@ -263,12 +283,8 @@ def run(opts: dict[str, Any]) -> int:
                 break
             except RedisError as exc:
                 jobmod._report("redis_unreachable", reason=str(exc), retry_s=backoff)
-                _STOPPING.wait(backoff)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
-                continue
-            except ValueError as exc:  # a name still registered by an earlier run of ours: it expires
-                log.warning("%s", exc)
-            _STOPPING.wait(poll)
+            _STOPPING.wait(backoff)
     finally:
         heartbeat.end()
         jobmod._report("worker_stopped", host=host)

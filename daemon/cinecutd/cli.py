@@ -257,6 +257,9 @@ def cmd_dropin(args: argparse.Namespace) -> int:
     from cinecutd.webhook import dropin_lines
 
     text += "".join(f"{line}\n" for line in dropin_lines(config.webhook))
+    from cinecutd.prewarm.remote import dropin_lines as queue_dropin_lines
+
+    text += "".join(f"{line}\n" for line in queue_dropin_lines(config.queue))
     if run_as is None:
         _hint_run_as(config.libraries)
     if not args.write:

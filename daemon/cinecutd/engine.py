@@ -465,6 +465,8 @@ class Engine:
         if in_burst:
             self.reg.counters["coalesced"] += 1
             return state
+        if new and state.wd is not None and os.path.lexists(state.work_dir):
+            self._meet_owner_twin(state, lib, kind, t0)
         if new and self._adopt_moved_results(state):
             return state
         self._revalidate(state, t0, kind)
@@ -734,7 +736,26 @@ class Engine:
             rewritten=report.rewritten,
             latency_ms=round((time.monotonic() - t0) * 1000, 3),
         )
+        self._return_parked()
         return "moved"
+
+    def _return_parked(self) -> None:
+        """Hand parked results back to their file once it is registered under a name whose work dir is
+        free (a move that just vacated that name, or a park made after the file arrived). Each hand-back
+        removes one parked entry, so this ends."""
+        if not self._parked:
+            return
+        by_identity = {self._identity(s): s for s in self.reg.films.values() if s.inode is not None}
+        for key, (parked, old_film, _) in list(self._parked.items()):
+            state = by_identity.get(key)
+            if state is None or key not in self._parked or os.path.lexists(state.work_dir):
+                continue
+            if not os.path.lexists(parked):
+                del self._parked[key]
+                continue
+            now = time.monotonic()
+            if self._migrate(old_film, state.film, now, identity=key, src_dir=parked) == "moved":
+                self._judge_after_move(old_film, state, self._lib_of(state), now, "moved")
 
     def _claimed_by_other(self, wd: Path, film: Path) -> bool:
         """Another registered film (a same-stem twin) maps to ``wd``."""
@@ -822,6 +843,18 @@ class Engine:
             return False
         return self._adopt_travelled_work_dir(state, now)
 
+    def _meet_owner_twin(self, state: FilmState, lib: LibraryConfig, kind: str, t0: float) -> None:
+        """A new film whose work dir names a same-stem sibling that is on disk but not registered yet (a
+        folder with twins that arrived from another root, listed in any order): register the owner first,
+        so this twin is marked in conflict and never judged against the owner's results."""
+        ev = read_evidence(state.work_dir, state.film.stem)
+        if ev is None or ev.named is None or ev.named == real(state.film):
+            return
+        owner = state.film.with_name(Path(ev.named).name)
+        if owner.stem != state.film.stem or owner in self.reg.films or not os.path.isfile(owner):
+            return
+        self._film_touched(owner, lib, kind, t0)
+
     def _hidden(self, state: FilmState, dest: Path) -> None:
         """A film renamed to a name the scan ignores, inside a library: remember where it hides."""
         identity = self._identity(state)
@@ -832,20 +865,24 @@ class Engine:
         """A new file landed on a name whose work dir holds the results of a film that is hiding under an
         ignored name (``mv A.mkv .swap; mv B.mkv A.mkv`` seen as a creation: B came from another root).
         Park them for their file's return instead of judging them against the newcomer."""
-        if not self._hiding or not os.path.lexists(state.work_dir):
+        if not (self._hiding or self._migrations) or not os.path.lexists(state.work_dir):
             return
         ev = read_evidence(state.work_dir, state.film.stem)
         if ev is None or ev.named is None:
             return
         owner = ev.identity or next((k for k, v in self._gone.items() if real(v[0]) == ev.named), None)
-        # Still hiding, or moved on from there (its next move may still be queued): either way its results
-        # are no newcomer's. A hidden file seen deleted is forgotten (``_path_gone``).
-        if owner is None or owner not in self._hiding or owner == self._identity(state):
+        # Still hiding, or moved on from there (its next move may still be queued, or waiting for a lock to
+        # carry these very results): either way they are no newcomer's. A hidden file seen deleted is
+        # forgotten (``_path_gone``).
+        if owner is None or owner == self._identity(state):
+            return
+        if owner not in self._hiding and not any(m.identity == owner for m in self._migrations.values()):
             return
         try:
-            self._make_room(state.work_dir, state.film, self._identity(state))
+            if self._make_room(state.work_dir, state.film, self._identity(state)):
+                self._return_parked()
         except LockBusy:
-            return  # a pipeline is writing them: judged (deferred) as any replacement under a lock
+            return  # a pipeline is writing them: retried (deferred) before this film is judged
 
     def _adopt_travelled_work_dir(self, state: FilmState, now: float) -> bool:
         """A new film whose folder arrived with its work dir (a folder moved across roots: one watch sees it
@@ -950,6 +987,7 @@ class Engine:
         now = time.monotonic()
         if self._adopt_travelled_work_dir(state, now):
             return  # its folder moved while a pipeline held the work dir: paths rewritten, then judged
+        self._park_for_hiding(state)  # a hiding film's results, locked when this file landed on its name
         self._revalidate(state, now, state.pending)
 
     def _final_revalidation(self, state: FilmState) -> None:

@@ -193,6 +193,7 @@ __all__ = ["Blocked", "Health", "access_problems", "blocked_text", "older_than_f
 CHECK_OK: Final = 0
 CHECK_ROOT: Final = 5
 CHECK_BLOCKED: Final = 6
+CHECK_OTHER: Final = 1  # e.g. a configured Radarr/Sonarr webhook that is not listening
 
 
 def check_verdict(status: dict[str, Any]) -> tuple[int, list[str]]:
@@ -217,4 +218,8 @@ def check_verdict(status: dict[str, Any]) -> tuple[int, list[str]]:
         if total > len(blocked):
             lines.append(f"... {total - len(blocked)} more blocked films")
         code = code or CHECK_BLOCKED
+    hook = status.get("webhook")
+    if isinstance(hook, dict) and hook.get("state") != "listening":
+        lines.append(f"webhook {hook.get('listen')}: {hook.get('state')}: {hook.get('error') or 'not listening'}")
+        code = code or CHECK_OTHER
     return code, lines

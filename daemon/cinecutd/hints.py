@@ -42,6 +42,10 @@ log = structlog.get_logger("cinecutd.hints")
 MAX_HINT_PATHS = 5000
 #: Hints queued for the engine and not yet applied; beyond this a sender is told to retry (503).
 MAX_PENDING_HINTS = 256
+#: Renames and paths looked at per turn of the engine loop; the rest waits behind events queued meanwhile.
+PATHS_PER_TURN = 32
+#: A folder hint over this many known films becomes a rescan (run in slices), not a burst of stats.
+FOLDER_RESCAN_FILMS = 200
 #: Events that name no file, answered "ok" and otherwise ignored.
 NO_FILE_EVENTS = frozenset({
     "grab", "movieadded", "seriesadd", "health", "healthissue", "healthrestored", "applicationupdate",
@@ -257,21 +261,32 @@ class HintSink:
         return any(relative_to_root(path, root) is not None for root in self._roots)
 
     # ------------------------------------------------------------------------- on the engine thread
-    def _apply(self, hint: Hint, t0: float) -> None:
+    def _apply(self, hint: Hint, t0: float, start: int = 0) -> None:
+        """Up to PATHS_PER_TURN of the hint's renames and paths, then the rest behind whatever was queued
+        meanwhile: a series renamed on a slow NAS must not hold up the other libraries' events."""
+        more = False
         try:
-            self.engine.reg.counters["hints"] += 1
+            if start == 0:
+                self.engine.reg.counters["hints"] += 1
             self._folders = None
-            for old, new in hint.moves:
-                self._move(Path(old), Path(new), t0)
-            for p in hint.paths:
-                self._look(Path(p), t0)
+            total = len(hint.moves) + len(hint.paths)
+            end = min(total, start + PATHS_PER_TURN)
+            for i in range(start, end):
+                if i < len(hint.moves):
+                    self._move(Path(hint.moves[i][0]), Path(hint.moves[i][1]), t0)
+                else:
+                    self._look(Path(hint.paths[i - len(hint.moves)]), t0)
+            if end < total:
+                self.engine.post_hint(lambda: self._apply(hint, t0, end))
+                more = True
         except Exception as exc:  # one bad hint must never stop the daemon
             log.error("hint_failed", arr_event=hint.event, error=repr(exc))
             self.engine.reg.counters["errors"] += 1
         finally:
             self._folders = None
-            with self._lock:
-                self._pending -= 1
+            if not more:
+                with self._lock:
+                    self._pending -= 1
 
     def _films_under(self, folder: Path) -> list[Path]:
         """Registered films below ``folder``, from an index of every film's folders built once per hint
@@ -323,10 +338,14 @@ class HintSink:
             log.warning("hint_unreadable", path=str(path), error=str(exc))
             return
         if stat.S_ISDIR(st.st_mode):
+            films = [f for f in self._films_under(path) if f in reg.films]
+            if len(films) > FOLDER_RESCAN_FILMS:  # a whole library folder: the sliced rescan looks instead
+                reg.counters["hint_rescans"] += 1
+                self.engine.request_reconcile(f"hint naming a folder of {len(films)} films")
+                return
             self._event("created", path, is_dir=True, t0=t0)  # films new to the daemon are found
-            for film in self._films_under(path):
-                if film in reg.films:
-                    self._event("modified", film, t0=t0)
+            for film in films:
+                self._event("modified", film, t0=t0)
         else:
             self._event("modified" if path in reg.films else "created", path, t0=t0)
 

@@ -268,7 +268,8 @@ class MetricsExporter:
                 self._server_thread = threading.Thread(target=server.serve_forever, name="metrics-http",
                                                        daemon=True)
                 self._server_thread.start()
-                log.info("metrics_listening", listen=f"{host}:{self.address[1] if self.address else port}")
+                bound = self.address[1] if self.address else port
+                log.info("metrics_listening", listen=f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}")
         if self.config.textfile is not None:
             self._writer = threading.Thread(target=self._write_loop, name="metrics-textfile", daemon=True)
             self._writer.start()
@@ -326,8 +327,9 @@ class MetricsExporter:
         self._wake.set()
         if self._writer is not None:
             self._writer.join(2.0)
-            self.tick(force=True)
-            self.write_textfile()
+            if not self._writer.is_alive():  # never two writers; a hung folder is not waited for twice
+                self.tick(force=True)
+                self.write_textfile()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

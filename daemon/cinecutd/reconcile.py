@@ -52,7 +52,7 @@ class ReconcileJob:
         self.waiters: list[Callable[[Summary], None]] = list(waiters or [])
         self.summary: Summary | None = None
         self._touched: set[tuple[Path, str]] = set()  # (folder, stem) an event was about
-        self._trees: list[Path] = []  # folders created, moved or deleted: all they hold is touched
+        self._trees: set[Path] = set()  # folders created, moved or deleted: all they hold is touched
         self._steps = _steps(engine, self, reason)
 
     # ----------------------------------------------------------------- marks from events
@@ -63,7 +63,7 @@ class ReconcileJob:
                 continue
             path = Path(p)
             if is_dir:
-                self._trees.append(path)
+                self._trees.add(path)
                 continue
             name = path.name
             folder = path.parent
@@ -78,7 +78,11 @@ class ReconcileJob:
             return False
         if (film.parent, os.path.splitext(film.name)[0]) in self._touched:
             return True
-        return any(film.is_relative_to(t) for t in self._trees) if self._trees else False
+        return self._in_tree(film)
+
+    def _in_tree(self, path: Path) -> bool:
+        """Inside a folder a dir event was about (one set lookup per ancestor, however many events)."""
+        return bool(self._trees) and (path in self._trees or any(p in self._trees for p in path.parents))
 
     def touched_work_dir(self, wd: Path) -> bool:
         if not self._touched and not self._trees:
@@ -86,7 +90,7 @@ class ReconcileJob:
         name = wd.name
         if is_work_dir_name(name) and (wd.parent, stem_of_work_dir(name)) in self._touched:
             return True
-        return any(wd.is_relative_to(t) for t in self._trees) if self._trees else False
+        return self._in_tree(wd)
 
     # ----------------------------------------------------------------- running
     def step(self, budget_s: float | None = SLICE_S) -> bool:

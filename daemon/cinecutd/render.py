@@ -278,6 +278,8 @@ def _render_prewarm(p: Mapping[str, Any], console: Console) -> None:
             f"  current: {clean(cur.get('film', '?'))}  {count(cur.get('done'))}/{count(cur.get('total'))} "
             f"frames{pct}  {'?' if fps is None else f'{fps:.2f}'} fps  ETA {human_duration(cur.get('eta_s'))}"))
     _render_throughput(_map(p.get("throughput")), console)
+    if isinstance(p.get("remote"), Mapping):
+        _render_remote(_map(p.get("remote")), console)
     queue = _list(p.get("queue"))
     if queue:
         console.print(Text(f"  queue ({len(queue)}): " + ", ".join(clean(q) for q in queue[:10])
@@ -290,6 +292,23 @@ def _render_prewarm(p: Mapping[str, Any], console: Console) -> None:
             fl = _map(fl)
             _row(t, clean(fl.get("film", "?")), brief(fl.get("reason")), when(fl.get("at")))
         console.print(t)
+
+
+def _render_remote(r: Mapping[str, Any], console: Console) -> None:
+    """Remote workers (``[queue] redis``): each worker, and where the running jobs are."""
+    link = "connected" if r.get("connected") else f"unreachable ({clean(r.get('error'))})"
+    console.print(Text(f"  queue {clean(r.get('redis'))}: {link}; {count(r.get('queued'))} queued, "
+                       f"{len(_list(r.get('running')))} running, {count(r.get('requeued'))} requeued"))
+    workers = _list(r.get("workers"))
+    t = _table("worker", "host", "state", "film", "frames", "fps", "last seen",
+               title=f"Workers ({len(workers)})")
+    for w in workers:
+        w = _map(w)
+        fps = _num(w.get("fps"))
+        frames = f"{count(w.get('done'))}/{count(w.get('total'))}" if w.get("film") else "-"
+        _row(t, clean(w.get("name")), clean(w.get("host")), clean(w.get("state")), clean(w.get("film") or "-"),
+             frames, "-" if not fps else f"{fps:.2f}", when(w.get("last_seen")))
+    console.print(t)
 
 
 #: What proves which film bytes a work dir's stages came from (``cinecut.evidence.Verification``).

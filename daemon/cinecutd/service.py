@@ -29,7 +29,7 @@ from cinecutd.logs import configure_logging
 from cinecutd.memory import trim_heap
 from cinecutd.sdnotify import Notifier
 from cinecutd.watcher import Watchers
-from cinecutd.webhook import WebhookReceiver, start_receiver
+from cinecutd.webhook import WebhookDown, WebhookReceiver, start_receiver
 
 log = structlog.get_logger("cinecutd")
 
@@ -50,7 +50,7 @@ class Daemon:
         self.prewarm: Any = None
         self.metrics: Any = None  # cinecutd.metrics.MetricsExporter when [metrics] asks for one
         self.hints = HintSink(self.engine, config)  # Radarr/Sonarr events: webhook and `cinecutd arr-hook`
-        self.webhook: WebhookReceiver | None = None
+        self.webhook: WebhookReceiver | WebhookDown | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._last_status = ""

@@ -35,8 +35,10 @@ from cinecutd.hints import HintRefused, HintSink, hint_from_payload
 
 log = structlog.get_logger("cinecutd.webhook")
 
-#: Seconds any one read or write on a client socket may take.
-SOCKET_TIMEOUT_S = 10.0
+#: Seconds any one read or write on a client socket may take, and a whole request (a client trickling
+#: its request byte by byte is cut off then: it cannot hold one of the few threads for long).
+SOCKET_TIMEOUT_S = 5.0
+REQUEST_DEADLINE_S = 10.0
 _BUSY_BODY = b'{"ok": false, "error": "busy", "message": "too many requests at once; retry"}'
 _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
          b"Connection: close\r\nContent-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
@@ -128,11 +130,15 @@ class _Server(ThreadingHTTPServer):
             pass
 
     def _work(self, request: Any, client_address: Any) -> None:
+        deadline = threading.Timer(REQUEST_DEADLINE_S, _cut, args=(request,))
+        deadline.daemon = True
+        deadline.start()
         try:
             self.finish_request(request, client_address)
         except Exception as exc:
             self.handle_error(request, client_address, exc)
         finally:
+            deadline.cancel()
             self.shutdown_request(request)
             self.slots.release()
 
@@ -336,6 +342,14 @@ class WebhookReceiver:
             self.reply(h, 200, "ok", f"{hint.event}: no file named; nothing to do", extra=result)
 
 
+def _cut(request: Any) -> None:
+    """A request past its deadline: shut the socket down, so the thread blocked reading it returns."""
+    try:
+        request.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -345,15 +359,30 @@ def format_addr(addr: tuple[str, int] | tuple[Any, ...]) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-def start_receiver(cfg: WebhookConfig, sink: HintSink) -> WebhookReceiver | None:
-    """Start the receiver when configured; a failure is logged and the daemon goes on without it."""
+class WebhookDown:
+    """A configured receiver that could not start: shown as failed in `cinecutd status`, with why."""
+
+    def __init__(self, cfg: WebhookConfig, error: str) -> None:
+        self.listen = format_addr(cfg.listen) if cfg.listen else ""
+        self.error = error
+
+    def status(self) -> dict[str, Any]:
+        return {"listen": self.listen, "state": "failed", "error": self.error}
+
+    def close(self) -> None:
+        pass
+
+
+def start_receiver(cfg: WebhookConfig, sink: HintSink) -> WebhookReceiver | WebhookDown | None:
+    """Start the receiver when configured; a failure is logged and shown in status, and the daemon goes on
+    without it (cache invalidation does not depend on it)."""
     if cfg.listen is None:
         return None
     try:
         receiver = WebhookReceiver(cfg, sink)
     except WebhookError as exc:
         log.error("webhook_failed", error=str(exc), detail="running without the webhook receiver")
-        return None
+        return WebhookDown(cfg, str(exc))
     receiver.start()
     return receiver
 

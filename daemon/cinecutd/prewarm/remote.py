@@ -49,6 +49,9 @@ MAX_BACKOFF_S: Final = 30.0
 #: A worker that keeps finding another stamp than ours (clock or filesystem skew) fails the film after this.
 MAX_STALE: Final = 3
 CONNECT_TIMEOUT_S: Final = 2.0
+#: New films offered per tick: a first connection with thousands of cold films fills the queue over a few
+#: seconds instead of holding the engine thread for one long burst of disk and Redis round trips.
+MAX_OFFERS_PER_TICK: Final = 100
 
 
 @dataclass(slots=True)
@@ -159,9 +162,14 @@ class RemoteDispatch:
                 self._cancel(rj, self._why_unwanted())
         self._poll()
         self._reap_stopping()
+        offered = 0
         for state in wanted:
+            if offered >= MAX_OFFERS_PER_TICK:
+                self._next_poll = 0.0  # more next tick
+                break
             if state.film not in self._jobs and state.stamp is not None:
                 self._offer(state)
+                offered += 1
         self._read_workers()
 
     def _why_unwanted(self) -> str:
@@ -194,15 +202,16 @@ class RemoteDispatch:
             self._settle(rj, status)
             return
         else:
-            self._enqueue(payload)
+            self._enqueue(payload, front=state.film in self.sched._requests)
             log.info("prewarm_enqueued", film=str(state.film), job_id=rj.job_id, root=root)
         self._jobs[state.film] = rj
         self.sched._attempts[state.film] = self.sched._attempts.get(state.film, 0) + 1
 
-    def _enqueue(self, payload: protocol.Payload) -> None:
+    def _enqueue(self, payload: protocol.Payload, *, front: bool = False) -> None:
+        """``front``: a film someone asked for (``cinecutd prewarm FILM``) goes before the night's backlog."""
         self._queue.enqueue_call(protocol.JOB_FUNC, args=(payload.to_json(),), job_id=payload.id, timeout=-1,
                                  result_ttl=protocol.RESULT_TTL_S, failure_ttl=protocol.RESULT_TTL_S,
-                                 description=f"prewarm {Path(payload.film).name}")
+                                 description=f"prewarm {Path(payload.film).name}", at_front=front)
         self.enqueued += 1
 
     def _root_of(self, film: Path) -> str | None:
@@ -276,7 +285,7 @@ class RemoteDispatch:
             del self._jobs[rj.film]
             return
         payload = protocol.Payload.from_json(args[0])
-        self._enqueue(payload)
+        self._enqueue(payload, front=True)  # it had its turn already
         rj.status, rj.no_lease_since, rj.lease = "queued", None, None
         rj.requeues += 1
         self.requeued += 1
@@ -493,3 +502,38 @@ def _last_line(text: Any) -> str | None:
         return None
     lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
     return lines[-1][:500] if lines else None
+
+
+def dropin_lines(cfg: Any) -> list[str]:
+    """What the hardened unit (PrivateNetwork=yes, IPAddressDeny=any, AF_UNIX only) needs to reach Redis:
+    the host's network and packets to and from Redis's address only (resolved now: a host name that later
+    moves needs the drop-in regenerated)."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlparse
+
+    if not cfg.redis:
+        return []
+    url = urlparse(cfg.redis)
+    if url.scheme == "unix":
+        return ["# [queue] redis is a Unix socket: no network needed."]
+    host = url.hostname or "localhost"
+    try:
+        addrs = sorted({ipaddress.ip_address(host)})
+    except ValueError:
+        try:
+            addrs = sorted({ipaddress.ip_address(ai[4][0]) for ai in socket.getaddrinfo(host, url.port or 6379)},
+                           key=str)
+        except OSError:
+            addrs = []
+    if not addrs:
+        return [f"# [queue] redis host {host} does not resolve: the unit cannot reach it until it does."]
+    families = sorted({"AF_INET6" if a.version == 6 else "AF_INET" for a in addrs})
+    allowed = " ".join("localhost" if a.is_loopback else str(a) for a in addrs)
+    return [
+        f"# [queue] redis = {protocol.redact(cfg.redis)}: the coordinator needs the host's network (the unit has",
+        "# none), reaching Redis's address only (IPAddressDeny=any stays).",
+        "PrivateNetwork=no",
+        f"RestrictAddressFamilies=AF_UNIX {' '.join(families)}",
+        f"IPAddressAllow={allowed}",
+    ]
