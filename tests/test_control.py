@@ -22,6 +22,7 @@ from cinecutd.control import (
     ControlError,
     ControlServer,
     ControlSocketError,
+    Later,
     Router,
     parse_request,
 )
@@ -43,9 +44,14 @@ def toy_handler(request: dict[str, Any]) -> dict[str, Any]:
         return {"x": object()}
     if cmd == "path":
         return {"p": Path("/a/b"), "s": {2, 1}}
-    if cmd == "slow":
-        time.sleep(request.get("seconds", 0.6))
-        return {"slept": True}
+    if cmd == "slow":  # work done elsewhere (as the daemon hands it to its engine thread)
+        seconds = request.get("seconds", 0.6)
+        return Later(lambda done: threading.Timer(seconds, done, ({"slept": True}, None)).start())
+    if cmd == "stuck":  # the engine never answers in time; its late answer must be dropped
+        return Later(lambda done: threading.Timer(0.5, done, ({"late": True}, None)).start(), timeout=0.2,
+                     busy_message="still working")
+    if cmd == "later_fails":
+        return Later(lambda done: done(None, ControlError("not_found", "no such film")))
     if cmd == "engine_busy":
         raise TimeoutError("the daemon is busy; try again")
     raise ControlError("unknown_command", cmd)

@@ -189,6 +189,15 @@ def test_forged_jobs_are_refused_and_nothing_outside_the_libraries_is_touched(
         q.enqueue_call(protocol.JOB_FUNC, args=({"v": 1, "film": 5},), job_id="garbage")  # not a payload
         # Not our function at all: RQ would import and call anything a job names.
         q.enqueue_call("subprocess.call", args=(["touch", str(marker)],), job_id="forged-function")
+        # Inside the library, but queued for an older version of the film: nothing is read or written.
+        inside = lib / "Old (2019)" / "Old (2019).mkv"
+        inside.parent.mkdir()
+        shutil.copyfile(synthetic_film_template.video, inside)
+        old = SourceStamp(SourceStamp.of(inside).mtime - 60, SourceStamp.of(inside).size)
+        q.enqueue_call(protocol.JOB_FUNC, args=(protocol.Payload("/movies/Old (2019)/Old (2019).mkv", "/movies",
+                                                                 old).to_json(),), job_id="stale", timeout=-1)
+        wait_for(lambda: w.events("job_stale"), 30, what="the stale job noticed")
+        assert not WorkDir.for_film(inside).path.exists()
         wait_for(lambda: len(w.events("job_refused")) >= 7, 30, what="seven refusals")
         refused = w.events("job_refused")
         assert any("not one this worker maps" in e["reason"] for e in refused)
@@ -298,3 +307,27 @@ def test_redis_restarted_mid_run_loses_nothing_and_does_nothing_twice(s: Setup) 
         computed = sum(e["frames_computed"] for e in done)
         assert done and computed == done[0]["frames"], (f, done)  # nothing lost, nothing computed twice
     assert d.status()["prewarm"]["failures"] == []
+
+
+def test_worker_options_come_from_its_config_file_and_the_command_line_wins(tmp_path: Path) -> None:
+    from cinecut.remote.pathmap import PathMap, Refused
+    from cinecut.remote.worker import build_parser, resolve
+
+    lib = tmp_path / "mnt" / "films"
+    (lib / "A (2020)").mkdir(parents=True)
+    (lib / "A (2020)" / "A (2020).mkv").write_bytes(b"x")
+    cfg = tmp_path / "worker.toml"
+    cfg.write_text(f'[worker]\nqueue = "redis://10.0.0.2:6379/0"\nmodel = "/m/model.gguf"\nmmproj = "/m/mm.gguf"\n'
+                   f'gpu_lock = "/run/cinecut/gpu.lock"\nparallel = 4\nwindow = "22:00-07:00"\n'
+                   f'[worker.path_map]\n"/srv/media/films" = "{lib}"\n')
+    opts = resolve(build_parser().parse_args(["--config", str(cfg), "--parallel", "2"]))
+    assert opts["parallel"] == 2 and opts["queue"] == "redis://10.0.0.2:6379/0" and opts["window"] == "22:00-07:00"
+    pm = PathMap.parse(opts["path_map"])
+    assert pm.local("/srv/media/films/A (2020)/A (2020).mkv", "/srv/media/films") == lib / "A (2020)" / "A (2020).mkv"
+    with pytest.raises(Refused):
+        pm.local("/srv/media/films/A (2020)/../../../etc/passwd", "/srv/media/films")
+    with pytest.raises(Refused):
+        pm.local("/srv/media/films/A (2020)_cinecut_work/x.mkv", "/srv/media/films")
+    with pytest.raises(ValueError, match="path-map"):
+        resolve(build_parser().parse_args(["--queue", "redis://x", "--model", "/m", "--mmproj", "/p",
+                                           "--gpu-lock", "/g"]))
