@@ -143,7 +143,8 @@ class Daemon:
                                      stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env)
         while True:
             if self.proc.poll() is not None:
-                raise SystemExit(f"daemon exited early; see {self.log}")
+                tail = self.log.read_text(errors="replace")[-3000:]
+                raise SystemExit(f"daemon exited early ({self.proc.returncode}):\n{tail}")
             try:
                 with ControlClient(self.sock, timeout=1.0) as c:
                     if c.request("ping").get("pong"):

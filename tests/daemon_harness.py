@@ -55,6 +55,7 @@ from cinecut.workdir import (
     keyframe_name,
 )
 from cinecutd.client import ClientError, ControlClient
+from cinecutd.cookies import sync_root
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -257,6 +258,13 @@ class Daemon:
 
     def counter(self, name: str) -> int:
         return int(self.status()["counters"].get(name, 0))
+
+    def sync(self, root: Path | None = None, *, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Return once the daemon has handled every change made so far in ``root`` (every root by default):
+        a cookie file's event proves it (cinecutd.cookies), instead of a sleep or a poll."""
+        with ControlClient(self.socket, timeout=timeout) as c:
+            roots = [root] if root is not None else [Path(r["path"]) for r in c.request("status")["roots"]]
+            return [sync_root(lambda req: c.request(req.pop("cmd"), **req), Path(r)) for r in roots]
 
     def reload(self, config_text: str | None = None) -> None:
         """Optionally rewrite the config, then SIGHUP (the daemon reloads it and reconciles)."""

@@ -176,6 +176,25 @@ def test_a_slow_command_does_not_block_other_clients(sock_path: Path) -> None:
         assert slow.line() == {"ok": True, "result": {"pong": True}}
 
 
+def test_engine_answers_arrive_by_callback_without_worker_threads(sock_path: Path) -> None:
+    """No thread of the server waits for the engine: an answer that does not come in time is "busy" (with the
+    command's own message), the late one is dropped, and the client's next answers stay in order."""
+    before = {t.name for t in threading.enumerate()}
+    with ControlServer(sock_path, toy_handler) as srv:
+        grown = {t.name for t in threading.enumerate()} - before
+        assert grown == {"cinecutd-control"}, grown  # the selector thread only, no worker pool
+        p = Peer(sock_path)
+        p.send(b'{"cmd": "stuck"}\n{"cmd": "echo", "i": 1}\n')
+        t0 = time.monotonic()
+        assert p.line() == {"ok": False, "error": {"code": "busy", "message": "still working"}}
+        assert 0.15 <= time.monotonic() - t0 < 0.45
+        assert p.line() == {"ok": True, "result": {"echo": {"cmd": "echo", "i": 1}}}
+        time.sleep(0.5)  # the stuck request's answer arrives now and must not reach the client
+        assert p.ask({"cmd": "later_fails"}) == {"ok": False, "error": {"code": "not_found", "message": "no such film"}}
+        assert p.ask({"cmd": "ping"}) == {"ok": True, "result": {"pong": True}}
+        assert srv.stats["errors"] >= 2
+
+
 def test_oversized_request_is_refused_then_closed(sock_path: Path) -> None:
     with ControlServer(sock_path, toy_handler, max_request_bytes=1024):
         p = Peer(sock_path)

@@ -81,7 +81,8 @@ def test_unreadable_upstream_files_block_the_film_until_permissions_allow() -> N
 
             # the film is replaced: nothing can be reset, and the daemon keeps saying so
             _replace(film)
-            wait_for(lambda: d.film_status(film)["last_event"] is not None, what="the replacement seen")
+            d.sync()  # the replacement's events were handled
+            assert d.film_status(film)["last_event"] is not None
             assert d.film_status(film)["blocked"] and check(runner.socket).returncode == 6
             n_warned = len(d.logs("blocked"))
 

@@ -61,9 +61,10 @@ class Setup:
             self.gates[name] = GpuLock(self.gpu_lock(name), purpose="test: an interactive run", interactive=True)
         return self.gates[name]
 
-    def worker(self, name: str, *, start: bool = True) -> Worker:
+    def worker(self, name: str, *, start: bool = True, extra: tuple[str, ...] | list[str] = ()) -> Worker:
         argv = worker_argv(name=name, url=self.redis.url, maps=[f"{self.lib}={self.view(name)}"],
-                           model=self.model.model_path, mmproj=self.model.mmproj_path, gpu_lock=self.gpu_lock(name))
+                           model=self.model.model_path, mmproj=self.model.mmproj_path, gpu_lock=self.gpu_lock(name),
+                           extra=extra)
         w = Worker(self.runner.base, name, argv)
         self.workers.append(w)
         return w.start() if start else w
@@ -128,23 +129,19 @@ def partial_done(film: Path) -> int:
 
 
 def catch_mid_inference(s: Setup, name: str, film: Path) -> int:
-    """With worker ``name``'s GPU held, let it describe a frame or two, then take the GPU back; returns the
-    frames saved in the partial while the worker sits yielded (nothing in flight)."""
+    """With worker ``name``'s GPU held by the caller, let it describe frames until the first is saved, then
+    take the GPU back (the worker yields after its current frame); returns the frames saved in the partial
+    while the worker sits yielded (nothing in flight)."""
     gate = s.gate(name)
     wait_for(lambda: any(e.get("film") == str(film) for e in _w(s, name).events("job_started")), JOB_S,
              what="the job started")
-    pause = 0.1
-    for _ in range(14):
-        gate.release()
-        time.sleep(pause)
-        gate.acquire(timeout=60)
-        done = partial_done(film)
-        if done >= 1:
-            total = len(json.loads(WorkDir.for_film(film).timestamps_path.read_text()))
-            assert done < total, "the job ran to its end while the gate was open"
-            return done
-        pause *= 1.5
-    raise AssertionError("could not catch the worker mid-inference")
+    gate.release()
+    wait_for(lambda: partial_done(film) >= 1, JOB_S, what="the first frame saved")
+    gate.acquire(timeout=60)
+    done = partial_done(film)
+    total = len(json.loads(WorkDir.for_film(film).timestamps_path.read_text()))
+    assert 1 <= done < total, f"caught at {done} of {total} frames"
+    return done
 
 
 def _w(s: Setup, name: str) -> Worker:
@@ -277,10 +274,10 @@ def test_a_worker_killed_mid_job_loses_it_and_another_resumes_with_no_frame_redo
     s.gate("alpha").acquire(timeout=5)
     d = s.start()
     film = s.drop("Killed (2024)")
-    alpha = s.worker("alpha")
+    alpha = s.worker("alpha", extra=["--max-keyframes", "8"])  # frames enough to stop between
     saved = catch_mid_inference(s, "alpha", film)
     alpha.kill()  # a power cut mid-job: no goodbye, the lease just stops being renewed
-    beta = s.worker("beta")
+    beta = s.worker("beta", extra=["--max-keyframes", "8"])
     wait_for(lambda: cache_valid(film) and d.status()["prewarm"]["completed"] == 1, JOB_S, what="beta finished")
     (done,) = beta.events("job_done")
     assert done["frames_computed"] == done["frames"] - saved, (done, saved)  # 0 frames redone

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--now", action="store_true", help="run it now, ignoring the window")
     p.add_argument("--retry", action="store_true", help="retry a film whose pre-warm failed")
     client("pause", "pause pre-warming (the current job stops after its frame)")
+    p = client("sync", "wait until the daemon has handled every change made so far in a library (all by default)")
+    p.add_argument("root", nargs="?", metavar="ROOT", help="a library root (it gets a short-lived hidden cookie file)")
     client("resume", "resume pre-warming")
 
     p = sub.add_parser("arr-hook", help="Radarr/Sonarr custom script: forward the event in the environment "
@@ -136,6 +138,21 @@ def _console() -> Any:
     return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
+def _sync(c: Any, root: str | None) -> dict[str, Any]:
+    """One cookie per root (cinecutd.cookies): the answer comes once the daemon has handled its event."""
+    from cinecutd.client import ClientError
+    from cinecutd.cookies import sync_root
+
+    roots = [os.path.abspath(root)] if root else [r["path"] for r in c.request("status")["roots"]]
+    synced = []
+    for r in roots:
+        try:
+            synced.append(sync_root(lambda req: c.request(req.pop("cmd"), **req), Path(r)))
+        except OSError as e:
+            raise ClientError(f"cannot create a sync cookie in {r}: {e.strerror or e}") from None
+    return {"roots": synced}
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     from cinecutd.client import ClientError, ControlClient, resolve_socket
 
@@ -157,7 +174,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         req.update(film=_film_arg(args.film), now=args.now, retry=args.retry)
     try:
         with ControlClient(choice.path, timeout=args.timeout) as c:
-            result = c.request(cmd, **req)
+            result = _sync(c, args.root) if cmd == "sync" else c.request(cmd, **req)
     except ClientError as e:
         _err(str(e))
         if cmd == "status" and args.check:

@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from cinecutd.connection import MAX_OUTPUT_BUFFER, Connection, RequestTooLarge
+from cinecutd.errors import FilmAmbiguous, FilmNotFound, FilmQueryError
 from cinecutd.sockfile import ControlSocketError, Identity, bind_socket, prepare_path, unlink_if_ours
 
 __all__ = ["COMMANDS", "MAX_OUTPUT_BUFFER", "ControlError", "ControlServer", "ControlSocketError", "Later",
@@ -33,6 +34,8 @@ log = structlog.get_logger("cinecutd.control")
 
 REQUESTS_PER_TURN = 16  # a client pipelining many requests gets this many answered, then the others' turn
 BUSY = "the daemon is busy; try again"
+# Errors of the core (cinecutd.errors), as the protocol names them: the core never raises ControlError.
+CORE_ERROR_CODES: dict[type[Exception], str] = {FilmNotFound: "not_found", FilmAmbiguous: "ambiguous"}
 
 
 class ControlError(Exception):
@@ -84,6 +87,9 @@ COMMANDS: dict[str, dict[str, Arg]] = {
     "resume": {},
     # A Radarr/Sonarr event forwarded by `cinecutd arr-hook` (cinecutd.hints): paths to look at now.
     "hint": {"event": Arg(str, required=True), "source": Arg(str), "paths": Arg(list), "moves": Arg(list)},
+    # Wait until every change made in a root before the client created this cookie file was handled
+    # (cinecutd.cookies).
+    "sync": {"cookie": Arg(str, required=True)},
 }
 
 
@@ -422,6 +428,8 @@ class ControlServer:
             return encode_line({"ok": True, "result": result})
         except ControlError as e:
             reply = error_reply(e.code, e.message)
+        except FilmQueryError as e:
+            reply = error_reply(CORE_ERROR_CODES.get(type(e), "not_found"), e.message)
         except TimeoutError as e:
             reply = error_reply("busy", str(e) or BUSY)
         except Exception as e:

@@ -38,6 +38,7 @@ from cinecut.workdir import (
     subtitle_stems,
 )
 from cinecutd.config import Config, LibraryConfig
+from cinecutd.cookies import Cookies
 from cinecutd.discovery import ScanResult, in_work_dir, is_film_name, iter_scan_tree
 from cinecutd.health import Health, access_problems, older_than_film, remedy
 from cinecutd.memory import trim_heap
@@ -86,10 +87,12 @@ class _Move(NamedTuple):
 
 
 class _Call:
-    __slots__ = ("done", "error", "fn", "result")
+    __slots__ = ("done", "error", "fn", "on_done", "result")
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+    def __init__(self, fn: Callable[[], Any],
+                 on_done: Callable[[Any, BaseException | None], None] | None = None) -> None:
         self.fn = fn
+        self.on_done = on_done
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
@@ -143,6 +146,7 @@ class Engine:
         # subtree again (quadratic in the depth of a moved-in chain). Forgotten when the queue runs dry
         # and whenever one of them is deleted or moved away.
         self._fresh_folders: set[Path] = set()
+        self.cookies = Cookies()  # `sync` requests waiting for their cookie's event (cinecutd.cookies)
         self._schedule_rescan()
 
     # ----------------------------------------------------------------- inputs from other threads
@@ -154,6 +158,11 @@ class Engine:
         """Run ``fn`` on the engine thread between queued events, without waiting for it (Radarr/Sonarr
         hints, ``cinecutd.hints``: ``fn`` turns them into the events inotify would have posted)."""
         self.queue.put(_Call(fn))
+
+    def submit(self, fn: Callable[[], Any], on_done: Callable[[Any, BaseException | None], None]) -> None:
+        """Run ``fn`` on the engine thread; ``on_done(result, error)`` is called there once it returns.
+        Nothing waits: the control socket's completion callback wakes its own loop to send the answer."""
+        self.queue.put(_Call(fn, on_done))
 
     def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Run ``fn`` on the engine thread and wait for its result (used by the control socket)."""
@@ -206,6 +215,11 @@ class Engine:
                 item.error = exc
             finally:
                 item.done.set()
+            if item.on_done is not None:
+                try:
+                    item.on_done(item.result, item.error)
+                except Exception as exc:  # a caller's callback must never stop the engine
+                    log.error("callback_failed", error=repr(exc))
 
     def _push_timer(self, due: float, what: str, film: Path) -> None:
         heapq.heappush(self._timers, (due, what, film))
@@ -273,6 +287,8 @@ class Engine:
 
     # ----------------------------------------------------------------- events
     def handle_event(self, ev: FsEvent) -> None:
+        if self.cookies.intercept(ev.kind, ev.src, ev.dest):  # `sync`: proves what came before was handled
+            return
         c = self.reg.counters
         c["events"] += 1
         if self._job is not None:
@@ -1194,20 +1210,6 @@ class Engine:
         else:
             self._job_next.waiters.extend(waiters)
 
-    def rescan_and_wait(self, reason: str, timeout: float) -> dict[str, Any]:
-        """From another thread (the control socket): ask for a rescan and wait for its summary."""
-        done = threading.Event()
-        box: dict[str, Any] = {}
-
-        def finished(summary: dict[str, Any]) -> None:
-            box["summary"] = summary
-            done.set()
-
-        self.call(lambda: self.request_reconcile(reason, finished))
-        if not done.wait(timeout):
-            raise TimeoutError("the rescan is still running; see the daemon's log for its summary")
-        return box["summary"]
-
     @property
     def rescanning(self) -> bool:
         """A rescan is in progress (or asked for)."""
@@ -1425,7 +1427,7 @@ class Engine:
 
     def find_film(self, query: str) -> FilmState:
         """A film by absolute path, by file name or by a unique substring of its path."""
-        from cinecutd.control import ControlError
+        from cinecutd.errors import FilmAmbiguous, FilmNotFound
 
         p = Path(os.path.abspath(query))
         if p in self.reg.films:
@@ -1437,9 +1439,9 @@ class Engine:
         if len(matches) == 1:
             return matches[0]
         if not matches:
-            raise ControlError("not_found", f"no watched film matches {query!r}")
-        names = ", ".join(sorted(str(s.film) for s in matches)[:5])
-        raise ControlError("ambiguous", f"{len(matches)} films match {query!r}: {names}")
+            raise FilmNotFound(query, f"no watched film matches {query!r}")
+        names = sorted(str(s.film) for s in matches)
+        raise FilmAmbiguous(query, f"{len(matches)} films match {query!r}: {', '.join(names[:5])}", names)
 
     def film_status(self, query: str) -> dict[str, Any]:
         from cinecut.checkpoint import read_checkpoint

@@ -20,7 +20,9 @@ import structlog
 
 from cinecut import __version__
 from cinecutd.config import EX_CONFIG, Config, ConfigError, load_config
-from cinecutd.control import ControlError, ControlServer, ControlSocketError, Router
+from cinecutd.control import ControlError, ControlServer, ControlSocketError, Later, Router
+from cinecutd.cookies import PREFIX as COOKIE_PREFIX
+from cinecutd.cookies import is_cookie
 from cinecutd.engine import Engine
 from cinecutd.gc import collect_orphans
 from cinecutd.hints import HintRefused, HintSink, hint_from_request
@@ -63,25 +65,41 @@ class Daemon:
     def _handlers(self) -> dict[str, Any]:
         eng = self.engine
 
-        def status(film: str | None = None) -> dict[str, Any]:
-            if film:
-                result = eng.call(lambda: eng.film_status(film))
-                if self.prewarm is not None:
-                    result["prewarm"] = self.prewarm.film_status(result["film"])
-                return result
-            result = eng.call(eng.status)
+        def on_engine(fn: Any, timeout: float = 10.0) -> Later:
+            """Run ``fn`` on the engine thread; its completion wakes the control loop (no thread waits)."""
+            return Later(lambda done: eng.submit(fn, done), timeout=timeout)
+
+        def film_status(film: str) -> dict[str, Any]:
+            result = eng.film_status(film)
+            if self.prewarm is not None:
+                result["prewarm"] = self.prewarm.film_status(result["film"])
+            return result
+
+        def daemon_status() -> dict[str, Any]:
+            result = eng.status()
             result["prewarm"] = self.prewarm.status() if self.prewarm is not None else {"enabled": False, "state": "disabled"}
             result["hints"] = self.hints.snapshot()
             if self.webhook is not None:
                 result["webhook"] = self.webhook.status()
             return result
 
-        def rescan() -> dict[str, Any]:
-            return eng.rescan_and_wait("requested", timeout=120.0)  # runs in slices: events go on meanwhile
+        def status(film: str | None = None) -> Later:
+            return on_engine((lambda: film_status(film)) if film else daemon_status)
 
-        def gc(apply: bool = False) -> dict[str, Any]:
-            reports = eng.call(lambda: collect_orphans(eng.reg, apply=apply), timeout=120.0)
-            return {"applied": apply, "orphans": [r.to_dict() for r in reports]}
+        def rescan() -> Later:
+            def start(done: Any) -> None:  # runs in slices: events go on meanwhile; ``done`` when it ends
+                eng.submit(lambda: eng.request_reconcile("requested", lambda summary: done(summary, None)),
+                           lambda _r, error: error is not None and done(None, error))
+
+            return Later(start, timeout=120.0,
+                         busy_message="the rescan is still running; see the daemon's log for its summary")
+
+        def gc(apply: bool = False) -> Later:
+            def run() -> dict[str, Any]:
+                reports = collect_orphans(eng.reg, apply=apply)
+                return {"applied": apply, "orphans": [r.to_dict() for r in reports]}
+
+            return on_engine(run, timeout=120.0)
 
         def hint(**req: Any) -> dict[str, Any]:
             try:
@@ -89,18 +107,40 @@ class Daemon:
             except HintRefused as exc:
                 raise ControlError(exc.code, exc.message) from None
 
-        handlers: dict[str, Any] = {"status": status, "rescan": rescan, "gc": gc, "hint": hint}
+        def sync(cookie: str) -> Later:
+            path = Path(cookie)
+            if not path.is_absolute() or not is_cookie(path):
+                raise ControlError("bad_request", "sync: 'cookie' must be an absolute path named "
+                                   f"{COOKIE_PREFIX}<pid>-<n>")
+            asked = time.monotonic()  # the client created the cookie before this
+            lib = self.engine.library_for(path)
+            slowest = lib.poll_interval if lib is not None else 0.0
+
+            def start(done: Any) -> None:
+                def register() -> None:
+                    lib = eng.library_for(path)
+                    if lib is None or path.parent != Path(os.path.normpath(path.parent)):
+                        raise ControlError("not_found", f"{cookie} is not inside a watched library")
+                    root = eng.reg.roots.get(lib.path)
+                    polled = (root.watch if root is not None else lib.watch) == "poll"
+                    eng.cookies.wait(path, lib.path, polled, asked, lambda result: done(result, None))
+
+                eng.submit(register, lambda _r, error: error is not None and done(None, error))
+
+            return Later(start, timeout=max(10.0, 3 * slowest + 10.0),
+                         busy_message="the cookie's event has not arrived; is that library watched?")
+
+        handlers: dict[str, Any] = {"status": status, "rescan": rescan, "gc": gc, "hint": hint, "sync": sync}
         if self.prewarm is not None:
             pw = self.prewarm
 
-            def prewarm(film: str, now: bool = False, retry: bool = False) -> dict[str, Any]:
-                state = eng.call(lambda: eng.find_film(film))
-                return eng.call(lambda: pw.request(state.film, now=now, retry=retry))
+            def prewarm(film: str, now: bool = False, retry: bool = False) -> Later:
+                return on_engine(lambda: pw.request(eng.find_film(film).film, now=now, retry=retry))
 
             handlers.update(
                 prewarm=prewarm,
-                pause=lambda: eng.call(pw.pause),
-                resume=lambda: eng.call(pw.resume),
+                pause=lambda: on_engine(pw.pause),
+                resume=lambda: on_engine(pw.resume),
             )
         else:
 

@@ -80,10 +80,11 @@ _EVENT_FILTER = [
 ]
 
 
-def _schedule(observer: Any, handler: FileSystemEventHandler, path: str) -> None:
-    """``observer.schedule`` with the narrow event filter where this watchdog supports it (>= 4)."""
+def _schedule(observer: Any, handler: FileSystemEventHandler, path: str, *, polled: bool = False) -> None:
+    """``observer.schedule`` with the narrow event filter where this watchdog supports it (>= 4); a polled
+    root also lets its end-of-poll markers through."""
     if "event_filter" in inspect.signature(observer.schedule).parameters:
-        observer.schedule(handler, path, recursive=True, event_filter=_EVENT_FILTER)
+        observer.schedule(handler, path, recursive=True, event_filter=[*_EVENT_FILTER, *([_PollDone] if polled else [])])
     else:
         observer.schedule(handler, path, recursive=True)
 
@@ -94,6 +95,16 @@ INOTIFY_LIMIT_HINT = (
 )
 
 
+class _PollDone(FileSystemEvent):
+    """Queued by a polling emitter after each complete poll, behind that poll's events."""
+
+    event_type = "polled"
+
+    def __init__(self, root: str, started: float) -> None:
+        super().__init__(root)
+        self.started = started
+
+
 class _Forwarder(FileSystemEventHandler):
     """Posts relevant watchdog events to the engine; cheap filters only."""
 
@@ -101,9 +112,14 @@ class _Forwarder(FileSystemEventHandler):
         self.engine = engine
         self.root = root
 
+    def on_polled(self, event: FileSystemEvent) -> None:
+        """watchdog dispatches each event type to ``on_<type>`` too; on_any_event did the work."""
+
     def on_any_event(self, event: FileSystemEvent) -> None:
         kind = event.event_type
         if kind not in _FORWARDED:
+            if isinstance(event, _PollDone):  # after that poll's events: what `sync` waits for (cinecutd.cookies)
+                self.engine.post_event("polled", os.fsdecode(event.src_path), repr(event.started))
             return
         src = os.fsdecode(event.src_path)
         dest = os.fsdecode(event.dest_path) if getattr(event, "dest_path", "") else None
@@ -168,6 +184,15 @@ class _PollingEmitter(PollingEmitter):
         self._take_snapshot = lambda: _Snapshot(
             self.watch.path, recursive=self.watch.is_recursive, stat=stat, listdir=listdir
         )
+
+    def queue_events(self, timeout: float) -> None:
+        """One poll, then its end marker (with the poll's start time) behind its events."""
+        if self.stopped_event.wait(timeout):
+            return
+        started = time.monotonic()
+        super().queue_events(0)
+        if self.should_keep_running() and not getattr(self, "_snapshot_failing", False):  # a poll that saw all
+            self.queue_event(_PollDone(os.fsdecode(self.watch.path), started))
 
 
 class PollingObserver(BaseObserver):
@@ -378,7 +403,7 @@ class Watchers:
             observer = PollingObserver(
                 _poll_stat(os.path.normpath(lib.path)), _filtered_scandir, polling_interval=lib.poll_interval
             )
-            _schedule(observer, _Forwarder(self.engine, str(lib.path)), str(lib.path))
+            _schedule(observer, _Forwarder(self.engine, str(lib.path)), str(lib.path), polled=True)
             try:
                 observer.start()
             except Exception as exc:  # the first snapshot failed (root unreadable or gone meanwhile)

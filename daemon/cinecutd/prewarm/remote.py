@@ -159,7 +159,7 @@ class RemoteDispatch:
             elif state.stamp != rj.stamp:
                 self._cancel(rj, "the film changed")
             elif film not in want and state.cache != "valid":
-                self._cancel(rj, self._why_unwanted())
+                self._cancel(rj, self._why_unwanted(state))
         self._poll()
         self._reap_stopping()
         offered = 0
@@ -172,15 +172,21 @@ class RemoteDispatch:
                 offered += 1
         self._read_workers()
 
-    def _why_unwanted(self) -> str:
+    def _why_unwanted(self, state: FilmState) -> str:
         s = self.sched
         if not s.enabled:
             return "pre-warm was disabled"
         if s._paused:
             return "paused"
-        return "the window closed"
+        if state.pending:
+            return "its inputs changed and the invalidation waits for the work dir"
+        if not s.pw.window.contains(s._clock()):
+            return "the window closed"
+        return "no longer eligible"
 
     def _offer(self, state: FilmState) -> None:
+        if any(f == state.film for f, _ in self._stopping.values()):
+            return  # its old job still holds the work dir: queue the new one once that has ended
         if self.sched._already_warm(state):
             return
         assert state.stamp is not None

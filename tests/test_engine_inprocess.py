@@ -1,0 +1,161 @@
+"""The daemon's engine driven in-process: real files in a temporary library, synthetic watcher events.
+
+No daemon process, no watcher thread, no sleeps: each test posts the events inotify would have delivered
+(``Engine.post_event``), steps the loop until it has nothing due (``run_once(0)``), and asserts on the
+registry and on the real work dirs. The process-level tests (test_daemon_*.py) prove the same behaviour
+end to end; these pin down the engine's decisions exactly and fast.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_harness import (
+    Film,
+    Library,
+    make_film_with_work_dir,
+    new_content,
+    render_config,
+    video_invalidated,
+    warm,
+    work_state,
+)
+
+from cinecut.workdir import WorkDir
+from cinecutd.config import load_config
+from cinecutd.engine import Engine
+
+
+def settle(engine: Engine, *, limit: float = 5.0) -> None:
+    """Step the engine until nothing is queued, no timer is due and no rescan runs.
+
+    Timers that are due later (a settle delay) are waited for only up to ``limit`` seconds of wall time:
+    the tests use ``settle_seconds = 0`` so every timer the engine sets for them is due at once.
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        engine.run_once(0)
+        due = engine.next_deadline()
+        if engine.queue.empty() and not engine.rescanning and (due is None or due > time.monotonic() + limit):
+            return
+        if due is not None and due > time.monotonic():
+            time.sleep(min(0.01, due - time.monotonic()))  # a timer a few ms ahead (e.g. a minimum settle)
+    raise AssertionError("the engine did not become idle")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    p = tmp_path / "films"
+    p.mkdir()
+    return p
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path, root: Path) -> Iterator[Any]:
+    def make() -> Engine:
+        cfg = tmp_path / "cinecutd.toml"
+        cfg.write_text(render_config([Library(root)], socket=tmp_path / "run" / "d.sock", settle_seconds=0))
+        engine = Engine(load_config(cfg))
+        engine.reconcile("startup")
+        settle(engine)
+        return engine
+
+    yield make
+
+
+def post(engine: Engine, kind: str, src: Path, dest: Path | None = None) -> None:
+    engine.post_event(kind, str(src), str(dest) if dest is not None else None)
+
+
+def test_a_replaced_film_is_invalidated(root: Path, make_engine: Any) -> None:
+    film = make_film_with_work_dir(root / "Heat (1995)")
+    engine = make_engine()
+    assert film.path in engine.reg.films and warm(film)
+    film.path.write_bytes(new_content(film.path))
+    post(engine, "modified", film.path)
+    post(engine, "closed", film.path)
+    settle(engine)
+    assert video_invalidated(film)
+    assert engine.reg.counters["invalidations"] >= 1
+
+
+def test_an_event_for_an_unchanged_film_changes_nothing(root: Path, make_engine: Any) -> None:
+    film = make_film_with_work_dir(root / "Heat (1995)")
+    engine = make_engine()
+    post(engine, "modified", film.path)  # a metadata-only change (an indexer's xattr, an atime)
+    settle(engine)
+    assert warm(film)
+    assert engine.reg.counters["invalidations"] == 0
+
+
+def test_a_rename_carries_the_results(root: Path, make_engine: Any) -> None:
+    film = make_film_with_work_dir(root / "Heat (1995)")
+    engine = make_engine()
+    new = film.path.with_name("Heat (1995) Remux.mkv")
+    os.rename(film.path, new)
+    post(engine, "moved", film.path, new)
+    subs = []
+    for sub in film.subtitles:  # Radarr renames the sidecars after the film
+        dest = sub.with_name(sub.name.replace("Heat (1995)", "Heat (1995) Remux"))
+        os.rename(sub, dest)
+        post(engine, "moved", sub, dest)
+        subs.append(dest)
+    settle(engine)
+    assert new in engine.reg.films and film.path not in engine.reg.films
+    moved = Film(new, tuple(subs), film.trailer)
+    state = work_state(moved)
+    assert state.cache_valid and state.keyframes > 0 and warm(moved), state
+    assert not WorkDir.for_film(film.path).path.exists()
+
+
+def test_a_deleted_film_leaves_its_results_as_an_orphan(root: Path, make_engine: Any) -> None:
+    film = make_film_with_work_dir(root / "Heat (1995)")
+    engine = make_engine()
+    wd = WorkDir.for_film(film.path).path
+    for p in [film.path, *film.subtitles]:
+        os.unlink(p)
+        post(engine, "deleted", p)
+    settle(engine)
+    assert film.path not in engine.reg.films
+    assert wd.is_dir() and any(wd.iterdir())  # kept for gc after its grace period, never deleted at once
+
+
+def test_same_stem_twins_are_a_conflict_that_does_not_flap(root: Path, make_engine: Any) -> None:
+    film = make_film_with_work_dir(root / "Heat (1995)")
+    twin = film.path.with_suffix(".mp4")
+    twin.write_bytes(new_content(film.path, seed=7))
+    engine = make_engine()
+
+    def decision() -> list[tuple[object, ...]]:
+        keys = ("conflict", "pending", "blocked", "refused", "checkpoint", "stages_complete")
+        return [tuple(str(engine.film_status(str(f))[k]) for k in keys) for f in (film.path, twin)]
+
+    first = decision()
+    assert engine.film_status(str(twin))["conflict"] is True
+    for _ in range(5):  # the same twin reported again and again decides the same thing every time
+        post(engine, "modified", twin)
+        post(engine, "closed", twin)
+        settle(engine)
+        assert decision() == first
+    assert warm(film)  # neither twin's events destroy results that may belong to the other
+    assert engine.reg.counters["invalidations"] == 0
+
+
+def test_an_event_during_a_rescan_is_not_lost(root: Path, make_engine: Any) -> None:
+    films = [make_film_with_work_dir(root / f"Film {i} (2001)", f"Film {i} (2001)") for i in range(12)]
+    engine = make_engine()
+    target = films[-1]
+    engine.request_reconcile("test")
+    engine.run_once(0)  # the rescan is under way (one slice)
+    target.path.write_bytes(new_content(target.path))
+    post(engine, "modified", target.path)
+    post(engine, "closed", target.path)
+    settle(engine)
+    assert not engine.rescanning
+    assert video_invalidated(target)
+    assert all(warm(f) for f in films[:-1])
