@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ class WorkerSettings:
     vibe: str | None = None
     max_keyframes: int | None = None
     lease_s: float = protocol.DEFAULT_LEASE_S
+    #: Other programs on this host's GPU to yield to (cinecut.gpu_share), one fresh policy per job.
+    gpu_share: Callable[[], Any] | None = None
     name: str = field(default_factory=socket.gethostname)
     host: str = field(default_factory=socket.gethostname)
 
@@ -161,6 +164,7 @@ def warm(raw: Any) -> dict[str, Any]:
             n_ctx=settings.n_ctx, max_tokens=settings.max_tokens, parallel=settings.parallel,
             vibe=payload.vibe or settings.vibe or "action", gpu_lock_path=settings.gpu_lock, interactive=False,
             progress=_progress, should_stop=CURRENT.stop.is_set, max_keyframes=settings.max_keyframes,
+            gpu_share=settings.gpu_share() if settings.gpu_share is not None else None,
         )
     except AnalysisStopped as exc:
         out = {"outcome": "stopped", "reason": str(exc), "done": CURRENT.done, "total": CURRENT.total, **base}

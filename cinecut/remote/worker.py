@@ -193,11 +193,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", type=float,
                    help=f"seconds between heartbeats (default {protocol.DEFAULT_HEARTBEAT_S:g})")
     p.add_argument("--max-keyframes", type=int, help="keyframe plan: at most this many frames")
+    # Other programs on this GPU (a game, a transcode): as the local pre-warm's [prewarm] yield_* settings.
+    p.add_argument("--yield-to", help="comma-separated: processes, transcodes, vram ('' = never; default all)")
+    p.add_argument("--yield-ignore", action="append", default=None, help="a process name that never counts")
+    p.add_argument("--yield-vram-mb", type=int)
+    p.add_argument("--encoder-busy-percent", type=int)
+    p.add_argument("--quiet-seconds", type=float)
+    p.add_argument("--unload-after", type=float)
 
 
 _DEFAULTS: Final[dict[str, Any]] = {
     "n_gpu_layers": -1, "n_ctx": 4096, "max_tokens": 256, "parallel": 1, "poll": DEFAULT_POLL_S,
     "lease": protocol.DEFAULT_LEASE_S, "heartbeat": protocol.DEFAULT_HEARTBEAT_S,
+    "yield_to": "processes,transcodes,vram", "yield_ignore": [], "yield_vram_mb": 1024, "encoder_busy_percent": 5,
+    "quiet_seconds": 60.0, "unload_after": 120.0,
 }
 
 
@@ -244,6 +253,16 @@ def run(opts: dict[str, Any]) -> int:
         max_keyframes=opts.get("max_keyframes"), lease_s=float(opts["lease"]),
         name=str(opts.get("name") or host), host=host,
     )
+    share = argparse.Namespace(**{k: opts[k] for k in ("yield_to", "yield_ignore", "yield_vram_mb",
+                                                       "encoder_busy_percent", "quiet_seconds", "unload_after")},
+                               n_gpu_layers=settings.n_gpu_layers)
+
+    def gpu_share() -> Any:
+        from cinecut.worker import gpu_share_from_args
+
+        return gpu_share_from_args(share)
+
+    settings.gpu_share = gpu_share
     warning = check_url(str(opts["queue"]), opts.get("password_file") is not None)
     if warning:
         log.warning("%s", warning)
