@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         nargs="+",
         default=None,
-        help="parallel engine sizes to run (default: 8 on the CPU, 1 4 8 for 7b)",
+        help="parallel engine sizes to run (default: 1 8 on the CPU, 1 4 8 for 7b)",
     )
     ap.add_argument("--n-gpu-layers", type=int, default=None, help="default: 0 for scaled, -1 for 7b")
     ap.add_argument("--models-dir", type=Path, default=None)

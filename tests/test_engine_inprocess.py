@@ -146,16 +146,31 @@ def test_same_stem_twins_are_a_conflict_that_does_not_flap(root: Path, make_engi
     assert engine.reg.counters["invalidations"] == 0
 
 
-def test_an_event_during_a_rescan_is_not_lost(root: Path, make_engine: Any) -> None:
+@pytest.mark.parametrize("at", [0.5, 0.95])
+def test_events_during_a_rescan_are_not_lost(root: Path, make_engine: Any, monkeypatch: pytest.MonkeyPatch,
+                                             at: float) -> None:
+    """Changes reported while a rescan is under way (its slices interleave with queued events): half-way
+    (listed, not yet judged) and near its end (already judged: only the event can catch the change)."""
     films = [make_film_with_work_dir(root / f"Film {i} (2001)", f"Film {i} (2001)") for i in range(12)]
     engine = make_engine()
-    target = films[-1]
+    monkeypatch.setattr("cinecutd.engine.SLICE_S", 0.0)  # one step of the rescan per loop turn
+    engine.request_reconcile("count")
+    steps = 0
+    while engine.rescanning:
+        engine.run_once(0)
+        steps += 1
+    assert steps > 10  # the rescan really runs in many slices
+
     engine.request_reconcile("test")
-    engine.run_once(0)  # the rescan is under way (one slice)
-    target.path.write_bytes(new_content(target.path))
-    post(engine, "modified", target.path)
-    post(engine, "closed", target.path)
+    for _ in range(int(steps * at)):
+        engine.run_once(0)
+    assert engine.rescanning
+    changed = [films[0], films[-1]]
+    for f in changed:
+        f.path.write_bytes(new_content(f.path))
+        post(engine, "modified", f.path)
+        post(engine, "closed", f.path)
     settle(engine)
     assert not engine.rescanning
-    assert video_invalidated(target)
-    assert all(warm(f) for f in films[:-1])
+    assert all(video_invalidated(f) for f in changed)
+    assert all(warm(f) for f in films if f not in changed)

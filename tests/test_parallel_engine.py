@@ -147,7 +147,7 @@ def test_kv_cache_is_sized_per_frame_and_logged(
         assert eng.kv_bytes == (eng.parallel + 1) * kv_cache_bytes(
             2, 64, eng.n_ctx_seq
         )  # + the shared prefix
-    assert "parallel = auto: 4 sequences (CPU inference)" in caplog.text
+    assert "parallel = auto: 8 sequences (CPU inference)" in caplog.text
     assert "KV cache" in caplog.text
 
 

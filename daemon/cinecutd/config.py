@@ -580,8 +580,8 @@ PREWARM_KEYS: tuple[Key, ...] = (
     Key("max_tokens", 256, _integer(minimum=16, maximum=1 << 16), "Token budget of one frame's answer."),
     Key("parallel", 0, _integer(minimum=0, maximum=64),
         "Frames described at once in one batch (continuous batching, one KV cache each): 1 = one at a "
-        "time; 0 = as many KV caches as the free VRAM holds after loading the model (at most 8; 4 on the "
-        "CPU), the size logged by the worker (0 to 64)."),
+        "time; 0 = as many KV caches as the free VRAM holds after loading the model (at most 8), or 8 "
+        "on the CPU; the worker logs the size and its KV cache (0 to 64)."),
     Key("settle_seconds", 60, _number(minimum=0, maximum=7 * DAY),
         "A film is queued once its size and mtime have not changed for this long (at most 604800)."),
     Key("gpu_lock", "/run/cinecut/gpu.lock", _abs_path,
