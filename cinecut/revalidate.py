@@ -128,7 +128,12 @@ def assess(
     if meta is not None:
         a.verification = Verification.CACHE
     elif video is not None and stages():
-        _judge_by_proxy(dir_fd, wd, video, a, gather)
+        if baseline is not None and baseline.video is not None and baseline.video != video:
+            # Seen changing: whatever the stages were computed from, it was not these bytes.
+            a.changed.add(Input.VIDEO)
+            a.reasons.append("film changed since it was first seen; nothing proves its stages came from it")
+        else:
+            _judge_by_proxy(dir_fd, wd, video, a, gather)
     if baseline is not None or current.subtitles:
         _judge_subtitles_unrecorded(dir_fd, wd, current, baseline, a, stages)
     return a

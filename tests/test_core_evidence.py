@@ -21,7 +21,7 @@ from cinecut.ingest.ffmpeg import ffmpeg_args, media_arg, run_tool
 from cinecut.ingest.proxy import make_proxy
 from cinecut.revalidate import probe, revalidate
 from cinecut.stamp import SourceStamp
-from cinecut.stamps import read_stamps
+from cinecut.stamps import current_stamps, read_stamps
 from cinecut.workdir import WorkDir
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
@@ -144,6 +144,27 @@ def test_film_ffprobe_cannot_read_leaves_the_stages_unverified_untouched_and_unw
     assert r.changed == [] and r.verification == "unverified" and "nothing proves" in r.evidence
     assert sorted(p.name for p in wd.path.rglob("*")) == names  # no sidecar, no lock file
     assert stages(film) == ["proxy", "subtitles", "keyframes"]
+
+
+def test_unverified_stages_of_a_film_seen_changing_are_stale(tmp_path: Path, media: tuple[Path, Path, Path]) -> None:
+    """Unverifiable at first sight (nothing written), then the film changes under the caller's eyes: whatever
+    the stages came from, it was not the new bytes, even where the proxy cannot be examined."""
+    film = upstream_left(tmp_path / "lib" / "Heat (1995)", media)
+    film.write_bytes(b"half a download" * 100)
+    os.utime(film, (OLD, OLD))
+    first = revalidate(film)
+    assert first.changed == [] and first.verification == "unverified"
+    baseline = current_stamps(film, [])
+    film.write_bytes(b"the rest of it" * 200)  # still unreadable to ffprobe, and older than the proxy
+    os.utime(film, (OLD + 1, OLD + 1))
+    assert revalidate(film, baseline=baseline).changed == ["video"]
+    assert stages(film) == [] and read_stamps(WorkDir.for_film(film).path) is not None
+    # The same film, unchanged since the caller's first look, stays untouched.
+    again = upstream_left(tmp_path / "lib2" / "Heat (1995)", media)
+    again.write_bytes(b"half a download" * 100)
+    os.utime(again, (OLD, OLD))
+    assert revalidate(again, baseline=current_stamps(again, [])).changed == []
+    assert stages(again) == ["proxy", "subtitles", "keyframes"]
 
 
 def test_proxy_the_checkpoint_calls_complete_but_gone_is_no_evidence(
