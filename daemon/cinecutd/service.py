@@ -266,7 +266,7 @@ class Daemon:
         gone = [r.path for r in self.engine.reg.roots.values() if r.state != "missing" and not os.path.isdir(r.path)]
         for root in gone:
             log.warning("root_missing", root=str(root))
-            self.engine._root_missing(root)
+            self.engine.root_missing(root)
         # A root unmounted (its empty mount point left behind) or mounted over is another directory now:
         # the old watches see the old filesystem, or nothing. Watch it afresh and look again.
         replaced = []

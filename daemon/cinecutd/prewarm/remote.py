@@ -341,7 +341,7 @@ class RemoteDispatch:
 
     def _warm(self, rj: RemoteJob, state: FilmState, result: dict[str, Any], note: str | None) -> None:
         s = self.sched
-        s.engine._revalidate(state, time.monotonic(), "prewarmed")
+        s.engine.revalidate(state, "prewarmed")
         if state.cache != "valid":
             s._already_warm(state)
         frames = _int(result.get("frames"))

@@ -494,7 +494,7 @@ class PrewarmScheduler:
                           cache=ev.get("cache"), cache_hit=job.cache_hit,
                           frames_salvaged=_int(ev.get("frames_salvaged"), job.salvaged or 0))
             if state is not None:
-                self.engine._revalidate(state, time.monotonic(), "prewarmed")
+                self.engine.revalidate(state, "prewarmed")
                 if state.cache != "valid":
                     self._already_warm(state)  # the revalidation may have been deferred behind a lock
                 if state.cache == "valid":
