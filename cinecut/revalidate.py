@@ -349,7 +349,7 @@ def probe(
                 fast = _fast_probe(fd, wd, st)
                 if fast is not None:
                     return fast
-            current = current_stamps(wd.film, subtitles, st=st)
+            current = current_stamps(wd.film, subtitles, st=st, resolved=True)
             if current.video is None:
                 return Probe(True, False, stamps=current)
             recorded = read_stamps_at(fd)

@@ -81,11 +81,16 @@ def _name(entry: tuple[str, SourceStamp]) -> str:
 
 
 def current_stamps(
-    film: str | os.PathLike[str], subtitles: list[Path] | tuple[Path, ...], *, st: os.stat_result | None = None
+    film: str | os.PathLike[str],
+    subtitles: list[Path] | tuple[Path, ...],
+    *,
+    st: os.stat_result | None = None,
+    resolved: bool = False,
 ) -> InputStamps:
     """Stamp the film and its subtitle sidecars now (a vanished film gets ``video=None``).
 
-    ``st`` is a ``stat`` of the film the caller just made (saves a syscall on a rescan's hot path).
+    ``st`` is a ``stat`` of the film the caller just made, and ``resolved`` says ``film`` is already
+    upstream's spelling (``WorkDir.film``): each saves syscalls on a rescan's hot path.
     """
     try:
         if st is None:
@@ -99,7 +104,8 @@ def current_stamps(
         stamp = SourceStamp.maybe(sub)
         if stamp is not None:
             subs.append((subtitle_key(Path(sub).name, stem), stamp))
-    src = film_identity(film)  # upstream's spelling; a record in another spelling is the same film
+    # Upstream's spelling; a record in another spelling is the same film.
+    src = os.fspath(film) if resolved else film_identity(film)
     return InputStamps(src, video, tuple(sorted(subs, key=_name)) if subs else (), inode, dev)
 
 
