@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench bench-keyframes soak deb docs-config clean
+.PHONY: demo test lint bench bench-keyframes bench-scale bench-prewarm bench-remote soak deb docs-config clean
 
 $(VENV)/.installed: pyproject.toml packaging/dev-setup.sh
 	VENV=$(VENV) ./packaging/dev-setup.sh
@@ -29,6 +29,20 @@ bench: $(VENV)/.installed
 
 bench-keyframes: $(VENV)/.installed
 	$(PY) bench/bench_keyframes.py
+
+## Large libraries: flat vs foldered, events during rescans, first start over upstream-written work dirs.
+bench-scale: $(VENV)/.installed
+	$(PY) bench/bench_flat_library.py
+	$(PY) bench/bench_first_start.py
+
+## Pre-warm: salvage after a subtitle change; sequential vs parallel frames/s (add ARGS=--size 7b on a GPU).
+bench-prewarm: $(VENV)/.installed
+	$(PY) bench/bench_salvage.py
+	$(PY) bench/bench_prewarm_throughput.py $(ARGS)
+
+## Remote workers on RQ/Redis (needs redis-server): films per hour with 1 and 2 workers, coordination overhead.
+bench-remote: $(VENV)/.installed
+	$(PY) bench/bench_remote_workers.py
 
 ## Regenerate the config reference from the code's schema.
 docs-config: $(VENV)/.installed
