@@ -7,7 +7,10 @@ Two library roots on one filesystem, watched by a real ``cinecutd run`` process 
 driver plays, as fast as the operations go: films arriving by slow copy (in place, or as ``.partial``
 renamed into place), Radarr-style upgrades renamed over the film, in-place rewrites, ``touch``, renames of
 a film with its subtitles (in either order), folder renames, folder moves across roots, deletes, subtitle
-edits, additions and deletions, and unrelated files changing. Meanwhile a simulated pipeline thread takes
+edits, additions and deletions, unrelated files changing, same-stem twins arriving and renamed away, and
+hard links (``cp -al``, dedupe tools) joining a work-dir file (lock, holder note, partial results, keyframe,
+proxy) and a user file elsewhere. Some films live in a flat folder per root (many films, subtitles and work
+dirs side by side) and take part in the same operations. Meanwhile a simulated pipeline thread takes
 the work-dir lock (``cinecut.locks.work_dir_lock``) and writes results through the cinecut API: proxy,
 keyframes, timestamps, checkpoint, SceneDescription cache, and our stamps sidecar as the commit mark.
 
@@ -21,7 +24,8 @@ one ``rescan``) every result on disk is traced back to the inputs it came from, 
 - false positive: results computed from exactly the film's current inputs that are no longer attached to
   it (deleted, reset, or left behind by a rename);
 - touched: a film, subtitle, trailer, unrelated file, manifest or unknown work-dir file whose bytes, mtime
-  or inode changed without the driver changing it, or a file the daemon created outside a work dir;
+  or inode changed without the driver changing it, or a file the daemon created outside a work dir; a user
+  file hard-linked into a work dir is tracked by inode, under every name it has;
 - the daemon's RSS and open file descriptors are sampled throughout.
 
 Pacing, stated so the figures can be judged: operations come at ``--rate`` per second on average
@@ -61,7 +65,7 @@ from cinecut import safefs  # noqa: E402
 from cinecut.checkpoint import PipelineCheckpoint, read_checkpoint, save_checkpoint_at  # noqa: E402
 from cinecut.inference.cache import encode_cache, read_cache_file, read_cache_metadata  # noqa: E402
 from cinecut.inference.models import SceneDescription  # noqa: E402
-from cinecut.locks import work_dir_lock  # noqa: E402
+from cinecut.locks import HOLDER_SUFFIX, work_dir_lock  # noqa: E402
 from cinecut.models import KeyframeRecord  # noqa: E402
 from cinecut.stamp import SourceStamp  # noqa: E402
 from cinecut.stamps import InputStamps, current_stamps, read_stamps_at, write_stamps_at  # noqa: E402
@@ -69,6 +73,7 @@ from cinecut.workdir import (  # noqa: E402
     ASSEMBLY_MANIFEST_NAME,
     CACHE_TMP_SUFFIX,
     KEYFRAMES_DIR_NAME,
+    LOCK_NAME,
     TIMESTAMPS_NAME,
     TRAILER_MANIFEST_NAME,
     WorkDir,
@@ -103,7 +108,16 @@ OPS: dict[str, int] = {
     "unrelated_file": 5,
     "twin_arrive": 2,
     "twin_rename_away": 2,
+    "hardlink_workdir_file": 3,
 }
+#: Share of new films that live directly in their root's flat folder (many films, their subtitles,
+#: trailers and work dirs side by side) rather than in a folder of their own.
+FLAT_SHARE = 0.4
+FLAT_DIR_NAME = "Flat"
+#: Folder of each root where ``cp -al``-style backups of work-dir files land (user files: ``.bak``).
+BACKUP_DIR_NAME = "Backups"
+#: Work-dir files a hard link may join to a user file: name -> whether it carries results of ours.
+LINK_KINDS = ("lock", "holder", "partial", "keyframe", "proxy")
 #: Two films swapping names through a name the scan ignores, subtitles along (``--swaps``). Off by default:
 #: at full churn, across roots and with pipelines writing, some swapped results still end up parked or
 #: invalidated instead of following their file (the daemon tests of single swaps pass).
@@ -132,6 +146,7 @@ class FilmModel:
     last_op: float = 0.0  # monotonic time its last operation finished
     version: int = 0  # bumped by every operation that changes its video or subtitles (not by renames)
     twinned: bool = False  # it has had a same-stem twin (see ``twin_arrive``)
+    flat: bool = False  # it lives in a root's flat folder, beside many other films
 
     @property
     def folder(self) -> Path:
@@ -182,6 +197,9 @@ class SoakResult:
     fds_max: int
     fds_end: int
     errors: int
+    flat_op_counts: dict[str, int] = field(default_factory=dict)  # operations on films in flat folders
+    link_counts: dict[str, int] = field(default_factory=dict)  # hard links made, by file and direction
+    flat_films: int = 0  # films in flat folders at the end
 
     def summary(self) -> dict[str, Any]:
         def f(x: Findings) -> dict[str, Any]:
@@ -198,6 +216,9 @@ class SoakResult:
         return {
             "operations": self.operations,
             "op_counts": self.op_counts,
+            "flat_op_counts": self.flat_op_counts,
+            "flat_films_at_end": self.flat_films,
+            "hard_links": self.link_counts,
             "seconds": round(self.seconds, 3),
             "ops_per_s": round(self.ops_per_s, 1),
             "pipeline_runs": self.pipeline_runs,
@@ -232,6 +253,13 @@ class Library_:
         self.expected: dict[Path, tuple[int, str, int]] = {}
         # Files inside work dirs that are never ours to touch: inode -> (sha1, mtime_ns, where).
         self.sacred: dict[int, tuple[str, int, str]] = {}
+        # User files (films, subtitles, trailers, .nfo) that a hard link also makes a work-dir file, by inode
+        # (a name in a work dir does not make bytes ours): inode -> (sha1, mtime_ns, where). Never to be
+        # written; the daemon may drop the work-dir name (the user's own name keeps the bytes). Each is held
+        # open (``linked_fds``): the inode is checked even once no name is left, and its number is never
+        # reused by a file created later (which would pass for it).
+        self.linked: dict[int, tuple[str, int, str]] = {}
+        self.linked_fds: dict[int, int] = {}
         self.mtime_clock = time.time() - 10 * 86400
         self.timeline: list[tuple[float, int, str]] = []  # (wall time, film id, what): for diagnosing findings
         self.twin_op_at = 0.0  # monotonic time of the last operation on a film that has had a twin
@@ -242,7 +270,37 @@ class Library_:
     # ------------------------------------------------------------------ bookkeeping
     def remember(self, path: Path) -> None:
         st = os.stat(path)
-        self.expected[path] = (st.st_ino, sha1(path), st.st_mtime_ns)
+        digest = sha1(path)
+        self.expected[path] = (st.st_ino, digest, st.st_mtime_ns)
+        if st.st_ino in self.linked:  # the driver changed a hard-linked user file itself (touch, rewrite)
+            self.linked[st.st_ino] = (digest, st.st_mtime_ns, self.linked[st.st_ino][2])
+
+    def link_user_file(self, path: Path, where: str) -> None:
+        """``path`` (a user file) now also has a name inside a work dir: its inode stays the user's."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        if st.st_ino in self.linked_fds:
+            os.close(fd)  # linked before (under another work-dir name): one record per inode
+        else:
+            self.linked_fds[st.st_ino] = fd
+            self.linked[st.st_ino] = (sha1(path), st.st_mtime_ns, where)
+
+    def linked_changes(self) -> list[str]:
+        """Hard-linked user files whose bytes or mtime differ from what the driver left, by inode (through
+        the descriptor held open, whatever names the file has now, if any)."""
+        out = []
+        for ino, fd in self.linked_fds.items():
+            h, m, where = self.linked[ino]
+            st = os.fstat(fd)
+            digest = hashlib.sha1(os.pread(fd, st.st_size + 1, 0)).hexdigest()
+            if (digest, st.st_mtime_ns) != (h, m):
+                out.append(f"hard-linked user file modified: {where} (links left: {st.st_nlink})")
+        return out
+
+    def close(self) -> None:
+        for fd in self.linked_fds.values():
+            os.close(fd)
+        self.linked_fds.clear()
 
     def forget(self, path: Path) -> None:
         self.expected.pop(path, None)
@@ -332,7 +390,7 @@ def run_pipeline(lib: Library_, fm: FilmModel, *, hold: float = 0.0,
     except OSError:
         return "vanished"
     try:
-        lock = work_dir_lock(wd, purpose="soak pipeline", dir_fd=fd)
+        lock = work_dir_lock(wd, purpose="soak pipeline", dir_fd=fd, announce=True)  # as cinecut's pipeline
         if not lock.try_acquire():
             return "busy"
         try:
@@ -415,6 +473,9 @@ class Driver:
         self.counts: Counter[str] = Counter()
         self._folders = 0
         self.ops: dict[str, int] = dict(OPS)  # operation -> weight
+        self.flat_dirs: dict[Path, Path] = {root: root / FLAT_DIR_NAME for root in lib.roots}
+        self.flat_counts: Counter[str] = Counter()  # operations on films in a flat folder
+        self.link_counts: Counter[str] = Counter()  # hard links made: "<kind> into"/"<kind> out"
 
     # ------------------------------------------------------------------ creation
     def new_film(self, root: Path | None = None, *, slow: bool = False, partial: bool = False) -> FilmModel:
@@ -424,8 +485,13 @@ class Driver:
             lib.next_fid += 1
         root = root or self.rng.choice(lib.roots)
         stem = f"Film {fid:04d} ({1950 + fid % 70})"
-        folder = root / stem
-        folder.mkdir()
+        flat = self.rng.random() < FLAT_SHARE
+        if flat:
+            folder = self.flat_dirs[root]
+            folder.mkdir(exist_ok=True)
+        else:
+            folder = root / stem
+            folder.mkdir()
         path = folder / f"{stem}.mkv"
         data = film_content(fid, 0)
         if partial:
@@ -448,8 +514,9 @@ class Driver:
         fm.subs[".en.srt"] = sub
         trailer = folder / f"{stem}_trailer_action.mp4"
         trailer.write_bytes(b"final trailer: user data " * 20)
-        nfo = folder / "movie.nfo"
+        nfo = folder / (f"{stem}.nfo" if flat else "movie.nfo")
         nfo.write_text(f"<movie><title>{stem}</title></movie>\n")
+        fm.flat = flat
         with lib.lock:
             lib.films[fid] = fm
             for p in (path, sub, trailer, nfo):
@@ -490,6 +557,8 @@ class Driver:
             op = "arrive_slow_copy"
         if fm is not None and op in SUBTITLE_OPS and is_shadowed_twin(self.lib, fm):
             op = "twin_rename_away"
+        if fm is not None and not op.startswith("arrive") and fm.flat:
+            self.flat_counts[op] += 1
         if fm is not None and not op.startswith("arrive"):
             fm.last_op = time.monotonic()  # busy from now: the pipeline leaves a film alone mid-operation
             if fm.twinned:
@@ -561,27 +630,53 @@ class Driver:
         with self.lib.lock:
             os.rename(src, dest)
             self.lib.moved(src, dest)
-            for other in self.lib.films.values():  # only fm lives in its folder, but stay general
+            for root, flat in self.flat_dirs.items():
+                if flat == src:
+                    self.flat_dirs[root] = dest
+            now = time.monotonic()
+            for other in self.lib.films.values():  # a flat folder holds many films; all of them moved
                 if other.folder == src:
                     other.path = dest / other.path.name
                     other.subs = {k: dest / p.name for k, p in other.subs.items()}
+                    if other is not fm:
+                        other.last_op = now  # freshly moved: the pipeline waits for it to settle again
             for ino, (h, m, where) in list(self.lib.sacred.items()):
                 if Path(where).is_relative_to(src):
                     self.lib.sacred[ino] = (h, m, str(dest / Path(where).relative_to(src)))
 
     def rename_folder(self, fm: FilmModel) -> None:
+        """The film's folder renamed; for a film in a flat folder, that is every film of the folder."""
         self._move_folder(fm, fm.folder.parent)
 
     def move_folder_across_roots(self, fm: FilmModel) -> None:
+        """The film's folder moved to the other root; a film of a flat folder moves alone (with its
+        subtitles) into the other root's flat folder, as a library manager moves one film of many."""
         others = [r for r in self.lib.roots if not fm.path.is_relative_to(r)]
+        if fm.flat:
+            return self.move_film_across_roots(fm, into_flat=True)
         self._move_folder(fm, self.rng.choice(others))
+        return None
 
-    def move_film_across_roots(self, fm: FilmModel) -> None:
-        """The film and its subtitles moved into a new folder of the other root (a file-level move)."""
+    def move_film_across_roots(self, fm: FilmModel, *, into_flat: bool | None = None) -> None:
+        """The film and its subtitles moved to the other root (a file-level move): into a new folder of its
+        own, or into that root's flat folder (a film joins or leaves a flat folder either way)."""
         others = [r for r in self.lib.roots if not fm.path.is_relative_to(r)]
         self._folders += 1
-        dest_folder = self.rng.choice(others) / f"{fm.path.stem} ~{self._folders}"
-        dest_folder.mkdir()
+        root = self.rng.choice(others)
+        if into_flat is None:
+            into_flat = self.rng.random() < FLAT_SHARE
+        flat_dir = self.flat_dirs[root]
+        taken = [flat_dir / p.name for p in [fm.path, *fm.subs.values()]]
+        taken.append(flat_dir / f"{fm.path.stem}_cinecut_work")
+        if into_flat and any(os.path.lexists(p) for p in taken):
+            into_flat = False  # its stem is taken there (a twin's): a folder of its own instead
+        if into_flat:
+            dest_folder = flat_dir
+            dest_folder.mkdir(exist_ok=True)
+        else:
+            dest_folder = root / f"{fm.path.stem} ~{self._folders}"
+            dest_folder.mkdir()
+        fm.flat = into_flat
         with self.lib.lock:
             for src in [fm.path, *fm.subs.values()]:
                 os.rename(src, dest_folder / src.name)
@@ -651,7 +746,7 @@ class Driver:
         path = fm.path.with_suffix(".mp4" if fm.path.suffix != ".mp4" else ".mkv")
         path.write_bytes(film_content(fid, 0, FILM_SIZE + 8192))
         self.lib.stamp_film(path)
-        twin = FilmModel(fid, path, twinned=True, last_op=time.monotonic())
+        twin = FilmModel(fid, path, twinned=True, last_op=time.monotonic(), flat=fm.flat)
         with self.lib.lock:
             fm.twinned = True
             self.lib.twin_op_at = time.monotonic()
@@ -674,6 +769,7 @@ class Driver:
             self._folders += 1
             folder = self.rng.choice(self.lib.roots) / f"{stem} ~{self._folders}"
             folder.mkdir()
+            twin.flat = False
         dest = folder / f"{stem}{twin.path.suffix}"
         with self.lib.lock:
             os.rename(twin.path, dest)
@@ -708,9 +804,84 @@ class Driver:
                 self.lib.moved(src, dest)
             a.path, a.subs = b_path, {k: b.folder / f"{b_path.stem}{k}" for k in a_subs}
             b.path, b.subs = a_path, {k: a_path.parent / f"{a_path.stem}{k}" for k in b_subs}
+            a.flat, b.flat = b.flat, a.flat
             b.last_op = time.monotonic()
             self.lib.note(b.fid, f"hidden_swap with {a.fid} done -> {b.path}")
         return None
+
+    # ------------------------------------------------------------------ hard links
+    def hardlink_workdir_file(self, fm: FilmModel) -> None:
+        """A hard link joins a file of ``fm``'s work dir (the lock, the lock's holder note, the partial
+        results, a keyframe, the proxy) and a user file elsewhere, as ``cp -al`` and dedupe tools make them.
+
+        Into the work dir (``ln -f film wd/name``): the work-dir name now shares the inode of another film,
+        a subtitle, a trailer or an .nfo; whatever the daemon and the pipelines then do with that name, the
+        user's bytes and mtime stay (the model checks the inode wherever it is). Out of it (``cp -al`` of
+        one file into a backup folder): the backup is a user file whose bytes must stay as they were when
+        the pipeline or the daemon next rewrites, resets or deletes the work-dir name."""
+        wd = WorkDir.for_film(fm.path)
+        kind = self.rng.choice(LINK_KINDS)
+        into = self.rng.random() < 0.6
+        try:
+            fd = safefs.open_dir(wd.path)
+        except OSError:
+            return None  # no work dir (yet): nothing to link
+        try:
+            dir_fd, name = fd, LOCK_NAME
+            if kind == "holder" and safefs.lstat_in(fd, LOCK_NAME + HOLDER_SUFFIX) is not None:
+                name = LOCK_NAME + HOLDER_SUFFIX  # a pipeline holds the lock right now
+            elif kind == "partial" and (into or safefs.lstat_in(fd, wd.partial_name) is not None):
+                name = wd.partial_name
+            elif kind == "proxy" and safefs.lstat_in(fd, wd.proxy_name) is not None:
+                name = wd.proxy_name
+            elif kind == "keyframe" and safefs.lstat_in(fd, KEYFRAMES_DIR_NAME) is not None:
+                dir_fd = safefs.open_subdir(fd, KEYFRAMES_DIR_NAME)
+                frames = sorted(os.listdir(dir_fd))
+                name = self.rng.choice(frames) if frames else keyframe_name(self.rng.randrange(1, 9000))
+            else:
+                kind = "lock"
+            if name == LOCK_NAME and safefs.lstat_in(fd, LOCK_NAME) is None:
+                return None  # no pipeline ran here yet
+            try:
+                self._link(fm, wd, dir_fd, name, kind, into)
+            finally:
+                if dir_fd != fd:
+                    os.close(dir_fd)
+        except FileNotFoundError:
+            return None  # the work dir moved on (a migration after an earlier rename): nothing linked
+        finally:
+            os.close(fd)
+        return None
+
+    def _link(self, fm: FilmModel, wd: WorkDir, dir_fd: int, name: str, kind: str, into: bool) -> None:
+        lib = self.lib
+        self._folders += 1
+        if into:
+            with lib.lock:
+                users = [p for p in lib.expected if p != fm.path]
+            if not users:
+                return
+            user = self.rng.choice(sorted(users))
+            tmp = f".soak-ln-{self._folders}"
+            replaces = kind in ("proxy", "keyframe") and safefs.lstat_in(dir_fd, name) is not None
+            with lib.lock:
+                os.link(user, tmp, dst_dir_fd=dir_fd)
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                lib.link_user_file(user, f"{user} (hard-linked as {wd.path.name}/.../{name})")
+                if replaces:
+                    # A result of ours was replaced by someone else's bytes: the film's results may now be
+                    # judged either way (kept, or reset as no longer ours), so they are no longer "valid".
+                    fm.version += 1
+                lib.note(fm.fid, f"hard link {kind}: {user} -> {wd.path.name}/{name}")
+        else:
+            folder = fm.folder.parent / BACKUP_DIR_NAME  # every film's folder (flat or its own) is in a root
+            folder.mkdir(exist_ok=True)
+            backup = folder / f"{wd.stem} {name}.{self._folders}.bak"
+            with lib.lock:
+                os.link(name, backup, src_dir_fd=dir_fd)
+                lib.remember(backup)
+                lib.note(fm.fid, f"hard link {kind}: {wd.path.name}/{name} -> {backup}")
+        self.link_counts[f"{kind} {'into' if into else 'out'}"] += 1
 
 
 def _same_work_dir(a: FilmModel, b: FilmModel) -> bool:
@@ -732,9 +903,10 @@ def is_shadowed_twin(lib: Library_, fm: FilmModel) -> bool:
 class Pipeline(threading.Thread):
     """Runs the simulated pipeline over films without a valid cache while the churn goes on."""
 
-    def __init__(self, lib: Library_, seed: int) -> None:
+    def __init__(self, lib: Library_, seed: int, daemon: Daemon | None = None) -> None:
         super().__init__(name="soak-pipeline", daemon=True)
         self.lib = lib
+        self.daemon = daemon
         self.rng = random.Random(seed)
         self.stop = threading.Event()
         self.outcomes: Counter[str] = Counter()
@@ -759,6 +931,9 @@ class Pipeline(threading.Thread):
                     with self.lib.lock:
                         at = (fm.path, list(fm.subs.values()))
                         settled = time.monotonic() - fm.last_op > PIPELINE_SETTLE_S
+                    if settled and not self._daemon_done_with(at[0]):
+                        settled = False
+                        self.outcomes["daemon busy"] += 1
                     try:
                         outcome = run_pipeline(self.lib, fm, hold=self.rng.choice([0.0, 0.005, 0.03]), at=at) \
                             if settled else "unsettled"
@@ -768,6 +943,23 @@ class Pipeline(threading.Thread):
                 self.stop.wait(self.rng.uniform(0.002, 0.02))
         except BaseException as exc:  # reported by the driver, never silently lost
             self.error = exc
+
+    def _daemon_done_with(self, film: Path) -> bool:
+        """Whether the daemon has handled every change made so far and holds nothing pending for ``film``.
+
+        The pre-warm, which this thread stands in for, runs inside the daemon on films it has judged: it can
+        never start on a name whose work dir the daemon is still moving there (a rename, a move across roots,
+        a swap). A quiet time since the driver's last operation is no proof of that on a loaded machine, so
+        the daemon is asked (a sync cookie, then the film's state). A work dir that never follows still
+        shows: the run then starts on a film the daemon is done with, and its results are counted lost."""
+        if self.daemon is None:
+            return True
+        try:
+            self.daemon.sync(timeout=30)
+            st = self.daemon.film_status(film)
+        except Exception:  # not (yet) a film the daemon knows: not judged, not to be analysed yet
+            return False
+        return st.get("pending") is None
 
 
 def _twin_unsettled(lib: Library_, fm: FilmModel, now: float) -> bool:
@@ -817,11 +1009,12 @@ def check(lib: Library_) -> Findings:
         out.false_positives += lib.lost
         expected = dict(lib.expected)
         sacred = dict(lib.sacred)
+        linked = dict(lib.linked)
     for fm in films:
         out.films += 1
         if any(f.fid < fm.fid and _same_work_dir(f, fm) for f in films):
             continue  # a same-stem twin: the work dir its name maps to holds its owner's results
-        _check_film(fm, gens, complete, out)
+        _check_film(fm, gens, complete, out, set(linked))
     seen: dict[int, tuple[str, int]] = {}
     outside: set[Path] = set()
     for root in lib.roots:
@@ -844,6 +1037,10 @@ def check(lib: Library_) -> Findings:
                 out.touched.append(f"changed: {path}")
     for path in set(expected) - outside:
         out.touched.append(f"missing: {path}")
+    # A user file is one inode, whatever its names: hard-linked into a work dir, it is still the user's (its
+    # name there may go; its bytes and mtime may not change).
+    with lib.lock:
+        out.touched += lib.linked_changes()
     for ino, (h, m, where) in sacred.items():
         got = seen.get(ino)
         if got is None:
@@ -854,8 +1051,16 @@ def check(lib: Library_) -> Findings:
     return out
 
 
-def _check_film(fm: FilmModel, gens: dict[int, Generation], complete: set[int], out: Findings) -> None:
+def _check_film(fm: FilmModel, gens: dict[int, Generation], complete: set[int], out: Findings,
+                linked: frozenset[int] | set[int] = frozenset()) -> None:
+    """``linked``: inodes of user files hard-linked into work dirs (user bytes, not results of any run)."""
     wd = WorkDir.for_film(fm.path)
+
+    def result(path: Path) -> bool:
+        try:
+            return os.lstat(path).st_ino not in linked
+        except FileNotFoundError:
+            return False
     cur = current_stamps(fm.path, [p for p in fm.subs.values() if p.exists()])
     problems: list[str] = []
 
@@ -883,13 +1088,13 @@ def _check_film(fm: FilmModel, gens: dict[int, Generation], complete: set[int], 
         except (OSError, ValueError):
             cache_gen = None
         stale("cache", cache_gen, True)
-    if os.path.lexists(wd.proxy_path):
+    if os.path.lexists(wd.proxy_path) and result(wd.proxy_path):
         stale("proxy", _gen_from_bytes(wd.proxy_path.read_bytes()), False)
     if os.path.lexists(wd.timestamps_path):
         ts = json.loads(wd.timestamps_path.read_text())
         stale("timestamps", int(ts[0]) if ts else None, True)
     if wd.keyframes_dir.is_dir():
-        for jpg in wd.keyframes_dir.iterdir():
+        for jpg in [j for j in wd.keyframes_dir.iterdir() if result(j)]:
             stale(f"keyframe {jpg.name}", _gen_from_bytes(jpg.read_bytes()), True)
     if problems:
         out.false_negatives.append(f"{fm.path}: {'; '.join(problems)} (operations: {', '.join(fm.history[-6:])})")
@@ -973,7 +1178,7 @@ def run_soak(base: Path, cfg: SoakConfig) -> SoakResult:
         d = runner.start([Library(r) for r in roots], settle_seconds=cfg.settle_seconds, log_level=cfg.log_level)
         rss0, fds0 = daemon_usage(d)
         rss_max, fds_max = rss0, fds0
-        pipes = [Pipeline(lib, cfg.seed + 1 + i) for i in range(cfg.pipelines)]
+        pipes = [Pipeline(lib, cfg.seed + 1 + i, d) for i in range(cfg.pipelines)]
         for pipe in pipes:
             pipe.start()
         t0 = time.monotonic()
@@ -999,6 +1204,7 @@ def run_soak(base: Path, cfg: SoakConfig) -> SoakResult:
         d.request("rescan", timeout=120)
         wait_quiet(d, quiet_s=max(1.0, cfg.settle_seconds * 3))
         final = check(lib)
+        lib.close()
         rss1, fds1 = daemon_usage(d)
         counters = d.status()["counters"]
     return SoakResult(
@@ -1021,6 +1227,9 @@ def run_soak(base: Path, cfg: SoakConfig) -> SoakResult:
         fds_max=max(fds_max, fds1),
         fds_end=fds1,
         errors=int(counters.get("errors", 0)),
+        flat_op_counts=dict(sorted(driver.flat_counts.items())),
+        link_counts=dict(sorted(driver.link_counts.items())),
+        flat_films=sum(1 for f in lib.films.values() if f.flat),
     )
 
 
@@ -1063,7 +1272,11 @@ def main(argv: list[str] | None = None) -> int:
          "bounded"],
         ["daemon open fds start / max / end", f"{res.fds_start} / {res.fds_max} / {res.fds_end}", "bounded"],
         ["films at the end (warm)", f"{res.final.films} ({res.final.warm})", ""],
+        ["films in flat folders at the end", res.flat_films, ""],
     ]
+    ops = [[op, n, res.flat_op_counts.get(op, "")] for op, n in res.op_counts.items()]
+    ops += [[f"hard link: {k}", n, ""] for k, n in res.link_counts.items()]
+    print_table("operations by kind", ["operation", "count", "on flat-folder films"], ops)
     print_table("cinecutd churn soak", ["measure", "value", "target"], rows)
     for example in s["after_rescan"]["examples"]:
         print("  ", example)

@@ -3,7 +3,8 @@
 The driver, the simulated pipeline and the model live in ``bench/soak.py`` (whose long run is
 ``make soak``); this test runs a few hundred operations of the same mix and holds the daemon to the
 contract: no stale result survives (before and after the safety rescan), no valid result is lost, nothing
-outside what is ours is touched, no temp file is left, and memory and descriptors stay flat.
+outside what is ours is touched (a user file hard-linked into a work dir included, checked by inode), no
+temp file is left, and memory and descriptors stay flat. Part of the library lives in flat folders.
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ def test_churn_soak_keeps_every_invariant(tmp_path: Path) -> None:
     # and sometimes held the lock while a film changed under them.
     assert set(res.op_counts) >= {"rename_film_and_subs", "move_folder_across_roots", "upgrade_rename_over",
                                   "touch", "subtitle_edit", "delete", "arrive_slow_copy", "twin_arrive",
-                                  "twin_rename_away"}, res.op_counts
+                                  "twin_rename_away", "hardlink_workdir_file"}, res.op_counts
+    # Films in flat folders (many films and work dirs side by side) took part in the same operations, and
+    # hard links joined work-dir files (lock, keyframes, ...) to user files elsewhere.
+    assert sum(res.flat_op_counts.values()) >= 60 and {"rename_film_and_subs", "rename_folder", "delete",
+                                                         "subtitle_edit"} <= set(res.flat_op_counts), summary
+    assert sum(res.link_counts.values()) >= 6, summary
     assert res.invalidations >= 40 and res.migrations >= 20, summary
     assert res.pipeline_runs >= 40, summary
     assert res.final.warm >= 5, summary

@@ -116,7 +116,8 @@ class Judge:
             self._pending.discard(state.film)
         state.pending, state.pending_since = None, None
         changed = self._apply(state, res, t0, trigger)
-        if changed and announce:
+        # Inside a burst (its settle step pending) the change is announced once, when the burst is quiet.
+        if changed and announce and state.settle_due is None:
             self.host.bus.publish(FilmJudged(state, trigger, True))
         return res
 

@@ -173,6 +173,40 @@ def owner_twin(reg: Registry, state: FilmState) -> Path | None:
     return owner
 
 
+def unseen_renames(reg: Registry, wd: Path) -> list[tuple[Path, FilmState]]:
+    """A folder listed on arrival holds a work dir ``wd`` no film claims and films without one: a film may
+    have been renamed before the folder's watch existed (a new folder's watch is added only once its
+    creation is reported), so no rename event ever comes. Its (old name, film) pairs; the results' evidence
+    (or, while a pipeline still writes them, its commit mark) then decides whether they are the film's.
+    Costs nothing when every work dir found has its film."""
+    from cinecut.workdir import stem_of_work_dir
+
+    films = reg.films_in(wd.parent)
+    if not films or is_parked_name(wd.name) or any(reg.films[f].work_dir == wd for f in films):
+        return []
+    homeless = [reg.films[f] for f in sorted(films) if not os.path.lexists(reg.films[f].work_dir)]
+    if not homeless:
+        return []
+    stem = stem_of_work_dir(wd.name)
+    ev = read_evidence(wd, stem)
+    named = Path(ev.named).name if ev is not None and ev.named and Path(ev.named).stem == stem else None
+    return [(wd.parent / (named or stem + state.film.suffix), state) for state in homeless]
+
+
+def travelled_from(state: FilmState) -> Path | None:
+    """The old path of a film whose work dir travelled with its folder: our sidecar in it names this very
+    file (device and inode) under a path that is gone, with the same work-dir name."""
+    recorded = read_stamps(state.work_dir)
+    if recorded is None or same_film_path(recorded.source_file, state.film) or recorded.inode is None:
+        return None
+    old_film = Path(recorded.source_file)
+    if (recorded.device, recorded.inode) != (state.device, state.inode) or os.path.lexists(old_film):
+        return None
+    if WorkDir.for_film(old_film).path.name != state.work_dir.name:
+        return None
+    return old_film
+
+
 class Moves:
     """Carries work dirs after their films; remembers what a move still waits for."""
 
@@ -358,26 +392,9 @@ class Moves:
         self.judge_after_move(src, state, self._lib_of(state), t0, Trigger.RENAMED)
 
     def follow_unseen_renames(self, work_dirs: set[Path], t0: float) -> None:
-        """A folder listed on arrival holds a work dir no film claims and a film without one: the film may
-        have been renamed before the folder's watch existed (a new folder's watch is added only once its
-        creation is reported), so no rename event ever comes. Follow it as a rename from an unknown name:
-        the results' evidence (or, while a pipeline still writes them, its commit mark) decides whether they
-        are this file's. Costs nothing when every work dir found has its film."""
-        from cinecut.workdir import stem_of_work_dir
-
-        reg = self.host.reg
+        """Renames no event reported (:func:`unseen_renames`), followed as renames from an unknown name."""
         for wd in work_dirs:
-            films = reg.films_in(wd.parent)
-            if not films or is_parked_name(wd.name) or any(reg.films[f].work_dir == wd for f in films):
-                continue
-            homeless = [reg.films[f] for f in sorted(films) if not os.path.lexists(reg.films[f].work_dir)]
-            if not homeless:
-                continue
-            stem = stem_of_work_dir(wd.name)
-            ev = read_evidence(wd, stem)
-            named = Path(ev.named).name if ev is not None and ev.named and Path(ev.named).stem == stem else None
-            for state in homeless:
-                old = wd.parent / (named or stem + state.film.suffix)
+            for old, state in unseen_renames(self.host.reg, wd):
                 if old != state.film and not os.path.lexists(old) and state.film not in self.pending:
                     self.follow_unknown_rename(old, state, t0)
                 if not os.path.lexists(wd):
@@ -572,15 +589,8 @@ class Moves:
         leave, the other sees it appear, in no useful order). Our sidecar names the film the results belong
         to; if that is this very file (same device and inode) under its old path, which is gone, only the
         stored paths need rewriting."""
-        recorded = read_stamps(state.work_dir)
-        if recorded is None or same_film_path(recorded.source_file, state.film) or recorded.inode is None:
-            return False
-        old_film = Path(recorded.source_file)
-        if (recorded.device, recorded.inode) != (state.device, state.inode) or os.path.lexists(old_film):
-            return False
-        if WorkDir.for_film(old_film).path.name != state.work_dir.name:
-            return False
-        return self._carry(old_film, state, now, moved_with_folder=True, identity=identity_of(state))
+        old_film = travelled_from(state)
+        return old_film is not None and self._carry(old_film, state, now, moved_with_folder=True, identity=identity_of(state))
 
     def _lib_of(self, state: FilmState) -> LibraryConfig:
         lib = self.host.library_for(state.film)

@@ -1,0 +1,106 @@
+"""The engine's owners driven in-process: one announcement per change, public entries instead of private
+ones, timers as callbacks. Real files in a temporary library, synthetic watcher events, no daemon process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_harness import (
+    Library,
+    make_film_with_work_dir,
+    new_content,
+    render_config,
+    video_invalidated,
+    warm,
+)
+from test_engine_inprocess import post, settle
+
+from cinecutd.config import load_config
+from cinecutd.engine import Engine
+from cinecutd.registry import FilmState
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    p = tmp_path / "films"
+    p.mkdir()
+    return p
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path, root: Path) -> Iterator[Any]:
+    def make() -> Engine:
+        cfg = tmp_path / "cinecutd.toml"
+        cfg.write_text(render_config([Library(root)], socket=tmp_path / "run" / "d.sock", settle_seconds=0))
+        engine = Engine(load_config(cfg))
+        engine.reconcile("startup")
+        settle(engine)
+        return engine
+
+    yield make
+
+
+def _announced(engine: Any) -> list[Path]:
+    seen: list[Path] = []
+
+    def hook(state: FilmState) -> None:
+        seen.append(state.film)
+
+    engine.on_film_changed = hook
+    return seen
+
+
+def test_a_change_is_announced_once(root: Path, make_engine: Any) -> None:
+    """A film whose content changed is judged eagerly and again once its burst is quiet: the pre-warm
+    scheduler hears of it once, not once per look."""
+    film = make_film_with_work_dir(root / "Heat (1995)")
+    engine = make_engine()
+    seen = _announced(engine)
+    film.path.write_bytes(new_content(film.path))
+    post(engine, "modified", film.path)
+    post(engine, "closed", film.path)
+    settle(engine)
+    assert video_invalidated(film)
+    assert seen == [film.path]
+
+
+def test_each_of_two_changes_is_announced(root: Path, make_engine: Any) -> None:
+    """Once per change, not once ever: a second change after the first settled is announced again."""
+    film = make_film_with_work_dir(root / "Heat (1995)")
+    engine = make_engine()
+    seen = _announced(engine)
+    for seed in (3, 4):
+        film.path.write_bytes(new_content(film.path, seed=seed))
+        post(engine, "closed", film.path)
+        settle(engine)
+    assert seen == [film.path, film.path]
+
+
+def test_prewarm_and_service_reach_the_engine_through_public_entries(root: Path, make_engine: Any) -> None:
+    """A pre-warm run's end and a root that went missing use public methods: judged and announced like any
+    change; the root's films are forgotten and nothing becomes an orphan."""
+    film = make_film_with_work_dir(root / "Heat (1995)")
+    engine = make_engine()
+    seen = _announced(engine)
+    film.path.write_bytes(new_content(film.path))  # changed behind the watcher's back
+    engine.revalidate(engine.reg.films[film.path], "prewarmed")
+    assert video_invalidated(film) and seen == [film.path]
+    engine.root_missing(root)
+    assert engine.reg.roots[root].state == "missing"
+    assert not engine.reg.films and not engine.reg.orphans
+    settle(engine)
+
+
+def test_an_unchanged_film_is_not_announced_again_and_again(root: Path, make_engine: Any) -> None:
+    """Events that change nothing (an indexer touching metadata) announce nothing."""
+    film = make_film_with_work_dir(root / "Heat (1995)")
+    engine = make_engine()
+    seen = _announced(engine)
+    for _ in range(3):
+        post(engine, "modified", film.path)
+        settle(engine)
+    assert warm(film) and seen == []
