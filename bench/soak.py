@@ -116,11 +116,13 @@ FLAT_SHARE = 0.4
 FLAT_DIR_NAME = "Flat"
 #: Folder of each root where ``cp -al``-style backups of work-dir files land (user files: ``.bak``).
 BACKUP_DIR_NAME = "Backups"
-#: Work-dir files a hard link may join to a user file: name -> whether it carries results of ours.
+#: Work-dir files a hard link may join to a user file (the proxy and a keyframe are results of ours).
 LINK_KINDS = ("lock", "holder", "partial", "keyframe", "proxy")
 #: Two films swapping names through a name the scan ignores, subtitles along (``--swaps``). Off by default:
 #: at full churn, across roots and with pipelines writing, some swapped results still end up parked or
-#: invalidated instead of following their file (the daemon tests of single swaps pass).
+#: invalidated instead of following their file (the daemon tests of single swaps pass). Seen: the swap's
+#: second move fails (``migration_skipped``, ENOENT) when a folder on its way was renamed a moment before,
+#: and is not retried: one film's results stay parked, the other's are judged against the wrong film.
 SWAP_OPS: dict[str, int] = {"hidden_swap": 3}
 #: Operations a same-stem twin (a film sharing its owner's work dir by name) gets in place of a subtitle
 #: operation: a subtitle named after the shared stem would belong to the owner too.
@@ -272,6 +274,10 @@ class Library_:
         st = os.stat(path)
         digest = sha1(path)
         self.expected[path] = (st.st_ino, digest, st.st_mtime_ns)
+        if st.st_nlink > 1:  # one file, several names (a hard link): each name now expects the new state
+            for other, (ino, _, _) in list(self.expected.items()):
+                if ino == st.st_ino:
+                    self.expected[other] = (ino, digest, st.st_mtime_ns)
         if st.st_ino in self.linked:  # the driver changed a hard-linked user file itself (touch, rewrite)
             self.linked[st.st_ino] = (digest, st.st_mtime_ns, self.linked[st.st_ino][2])
 
@@ -645,8 +651,19 @@ class Driver:
                     self.lib.sacred[ino] = (h, m, str(dest / Path(where).relative_to(src)))
 
     def rename_folder(self, fm: FilmModel) -> None:
-        """The film's folder renamed; for a film in a flat folder, that is every film of the folder."""
+        """The film's folder renamed; for a film in a flat folder, that is every film of the folder, so the
+        pacing rule (one operation per film per ``MIN_FILM_GAP_S``) applies to all of them: while one of
+        them was acted on a moment ago, the film is renamed instead (within the folder)."""
+        if fm.flat:
+            now = time.monotonic()
+            with self.lib.lock:
+                busy = any(f is not fm and f.folder == fm.folder and now - f.last_op < MIN_FILM_GAP_S
+                           for f in self.lib.films.values())
+            if busy:
+                return self.rename_film_and_subs(fm)
+            self.flat_counts["(flat folder renamed)"] += 1
         self._move_folder(fm, fm.folder.parent)
+        return None
 
     def move_folder_across_roots(self, fm: FilmModel) -> None:
         """The film's folder moved to the other root; a film of a flat folder moves alone (with its
@@ -925,13 +942,16 @@ class Pipeline(threading.Thread):
                         and not _twin_unsettled(self.lib, f, now)]
                 if cold:
                     fm = self.rng.choice(cold)
+                    asked = time.monotonic()
+                    ready = self._daemon_done_with(fm.path)
                     # The name is taken together with the settle check, under the driver's lock: a film the
                     # driver renamed since ``cold`` was computed (its path is then a fresh name, its last_op
-                    # new) is not started on, just as the pre-warm never starts on a name seconds old.
+                    # new) is not started on, just as the pre-warm never starts on a name seconds old; nor
+                    # one the driver touched after the daemon was asked about it.
                     with self.lib.lock:
                         at = (fm.path, list(fm.subs.values()))
-                        settled = time.monotonic() - fm.last_op > PIPELINE_SETTLE_S
-                    if settled and not self._daemon_done_with(at[0]):
+                        settled = time.monotonic() - fm.last_op > PIPELINE_SETTLE_S and fm.last_op < asked
+                    if settled and not ready:
                         settled = False
                         self.outcomes["daemon busy"] += 1
                     try:
@@ -1033,8 +1053,9 @@ def check(lib: Library_) -> Findings:
             exp = expected.get(path)
             if exp is None:
                 out.touched.append(f"unexpected file outside work dirs: {path}")
-            elif (st.st_ino, sha1(path), st.st_mtime_ns) != exp:
-                out.touched.append(f"changed: {path}")
+            elif (got := (st.st_ino, sha1(path), st.st_mtime_ns)) != exp:
+                what = [w for w, a, b in zip(("inode", "bytes", "mtime"), got, exp, strict=True) if a != b]
+                out.touched.append(f"changed ({', '.join(what)}): {path}")
     for path in set(expected) - outside:
         out.touched.append(f"missing: {path}")
     # A user file is one inode, whatever its names: hard-linked into a work dir, it is still the user's (its

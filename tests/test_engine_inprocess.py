@@ -153,7 +153,7 @@ def test_events_during_a_rescan_are_not_lost(root: Path, make_engine: Any, monke
     (listed, not yet judged) and near its end (already judged: only the event can catch the change)."""
     films = [make_film_with_work_dir(root / f"Film {i} (2001)", f"Film {i} (2001)") for i in range(12)]
     engine = make_engine()
-    monkeypatch.setattr("cinecutd.engine.SLICE_S", 0.0)  # one step of the rescan per loop turn
+    monkeypatch.setattr("cinecutd.reconciler.SLICE_S", 0.0)  # one step of the rescan per loop turn
     engine.request_reconcile("count")
     steps = 0
     while engine.rescanning:

@@ -104,3 +104,52 @@ def test_an_unchanged_film_is_not_announced_again_and_again(root: Path, make_eng
         post(engine, "modified", film.path)
         settle(engine)
     assert warm(film) and seen == []
+
+
+def test_rescans_and_root_transitions_are_announced_on_the_bus(root: Path, make_engine: Any) -> None:
+    """A rescan's end is one ``Reconciled`` (the pre-warm hook hears of it through the bus), and a root's
+    way out and back is one ``RootChanged`` per transition, from their one owner."""
+    from cinecutd.states import Reconciled, RootChanged, RootStatus
+
+    make_film_with_work_dir(root / "Heat (1995)")
+    engine = make_engine()
+    rescans: list[Reconciled] = []
+    roots: list[RootChanged] = []
+    hooked: list[bool] = []
+    engine.bus.subscribe(Reconciled, rescans.append)
+    engine.bus.subscribe(RootChanged, roots.append)
+    engine.on_reconciled = lambda: hooked.append(True)
+    answers: list[dict[str, Any]] = []
+    engine.request_reconcile("asked", answers.append)
+    settle(engine)
+    assert [r.summary["reason"] for r in rescans] == ["asked"] and hooked == [True]
+    assert answers and answers[0]["films"] == 1
+    engine.root_missing(root)
+    engine.reconcile("root available")
+    assert [(r.root, r.status) for r in roots] == [(root, RootStatus.MISSING), (root, RootStatus.PENDING_WATCH)]
+    assert engine.reg.roots[root].state == RootStatus.PENDING_WATCH
+    assert len(rescans) == 2 and len(engine.reg.films) == 1
+
+
+def test_the_periodic_rescan_catches_what_nobody_reported_once_per_interval(tmp_path: Path, root: Path) -> None:
+    """The safety net is a timer like any other: a change no event reported is caught by the periodic
+    rescan, and rescans asked for meanwhile push it back instead of stacking periodic rescans up."""
+    import time
+
+    from cinecutd.states import Reconciled
+
+    film = make_film_with_work_dir(root / "Heat (1995)")
+    cfg = tmp_path / "cinecutd.toml"
+    cfg.write_text(render_config([Library(root)], socket=tmp_path / "run" / "d.sock", settle_seconds=0,
+                                 rescan_interval=1))
+    engine = Engine(load_config(cfg))
+    reasons: list[str] = []
+    engine.bus.subscribe(Reconciled, lambda ev: reasons.append(ev.summary["reason"]))
+    for _ in range(10):
+        engine.reconcile("asked")  # each rescan's end sets the next periodic one
+    film.path.write_bytes(new_content(film.path))  # behind the watcher's back: no event
+    deadline = time.monotonic() + 1.6
+    while time.monotonic() < deadline:
+        engine.run_once(0.05)
+    assert video_invalidated(film)
+    assert 1 <= reasons.count("periodic") <= 2, reasons

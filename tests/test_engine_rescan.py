@@ -17,7 +17,7 @@ import pytest
 from daemon_harness import SRT, Film, build_work_dir, make_film, new_content, video_invalidated, warm
 
 from cinecut.stamps import read_stamps
-from cinecutd import engine as engine_module
+from cinecutd import reconciler as reconciler_module
 from cinecutd.config import load_config
 from cinecutd.engine import Engine
 
@@ -63,7 +63,7 @@ def run_rescan(engine: Engine, *, until: Any = None) -> int:
 @pytest.fixture
 def one_unit_slices(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each loop turn runs one unit of a rescan (a film, a batch of registrations)."""
-    monkeypatch.setattr(engine_module, "SLICE_S", 0.0)
+    monkeypatch.setattr(reconciler_module, "SLICE_S", 0.0)
 
 
 # ------------------------------------------------------------------------------------------ linear

@@ -316,10 +316,10 @@ class HintSink:
         return True
 
     def _event(self, kind: str, src: Path, dest: Path | None = None, *, is_dir: bool = False, t0: float) -> None:
-        from cinecutd.engine import FsEvent
+        from cinecutd.intake import FsEvent
 
         self.engine.reg.counters["hint_events"] += 1
-        self.engine.handle_event(FsEvent(kind, str(src), str(dest) if dest else None, is_dir, t0))
+        self.engine.intake.handle(FsEvent(kind, str(src), str(dest) if dest else None, is_dir, t0))
 
     def _look(self, path: Path, t0: float) -> None:
         """What inotify would have reported for ``path``, judged by what is on disk now."""

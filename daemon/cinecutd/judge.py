@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from cinecut.inference.cache import CacheState
 from cinecut.locks import LockBusy, is_work_dir_locked
 from cinecut.ownership import Owner, judge, read_evidence
 from cinecut.problems import Problem
@@ -42,7 +41,7 @@ PENDING_RETRY_S = 0.25
 
 
 class JudgeHost(Protocol):
-    """What the judge needs of the engine: state, a timer, and the two lifecycle steps it may trigger."""
+    """What the judge needs of the engine: state and a timer."""
 
     reg: Registry
     config: Config
@@ -51,6 +50,11 @@ class JudgeHost(Protocol):
     bus: Bus
 
     def later(self, due: float, fn: Callable[[], None]) -> None: ...
+
+
+class Lifecycle(Protocol):
+    """The two lifecycle steps a judgement may trigger (:class:`cinecutd.intake.Intake` keeps them)."""
+
     def film_gone(self, film: Path) -> None: ...
     def recheck_subtitles_later(self, film: Path) -> None: ...
 
@@ -85,7 +89,13 @@ class Judge:
     def __init__(self, host: JudgeHost) -> None:
         self.host = host
         self.moves: Moves | None = None  # set by the engine: a film whose move is pending is not judged yet
+        self.intake: Lifecycle | None = None  # set by the engine: films gone, subtitles looked at later
         self._pending: set[Path] = set()  # films with a retry timer set
+
+    @property
+    def _lifecycle(self) -> Lifecycle:
+        assert self.intake is not None, "the engine wires the intake in"
+        return self.intake
 
     # ----------------------------------------------------------------- revalidation
     def revalidate(self, state: FilmState, t0: float, trigger: str, *, announce: bool = True) -> Revalidation | None:
@@ -162,7 +172,7 @@ class Judge:
         try:
             st = os.stat(state.film)
         except OSError:
-            self.host.film_gone(state.film)
+            self._lifecycle.film_gone(state.film)
             return
         state.stamp, state.inode, state.device = SourceStamp.from_stat(st), st.st_ino, st.st_dev
         changed = False
@@ -171,7 +181,7 @@ class Judge:
             # subtitles first, then the film), whose events may still be on their way through the watcher.
             # Judged now, the gap would read as a deleted subtitle and wipe valid results; judged once things
             # are quiet, as any subtitle deletion is.
-            self.host.recheck_subtitles_later(state.film)
+            self._lifecycle.recheck_subtitles_later(state.film)
         else:
             res = self.revalidate(state, time.monotonic(), Trigger.SETTLED, announce=False)
             changed = res is not None and res.report is not None and res.report.changed_anything
@@ -184,11 +194,8 @@ class Judge:
         state.refused = res.refused
         if res.refused:
             log.warning("refused", film=str(state.film), reason=res.refused)
-        if res.cache is not None:
-            state.cache = CacheState.VALID if res.cache.stamp == state.stamp else CacheState.STALE
-        else:
-            wd = state.wd or WorkDir.for_film(state.film)
-            state.cache = cache_validity(None, state.stamp, work_dir_exists=res.exists, cache_path=wd.cache_path)
+        wd = state.wd or WorkDir.for_film(state.film)
+        state.cache = cache_validity(res.cache, state.stamp, work_dir_exists=res.exists, cache_path=wd.cache_path)
         self._check_health(state, res, trigger)
         rep = res.report
         if rep is None or not rep.changed_anything:

@@ -46,13 +46,17 @@ UNCONFIRMED_WAIT_S = 1.0
 
 
 class MoveHost(Protocol):
-    """What moves need of the engine: the registry, the config, where a path belongs, a new registration,
-    and a later look at a film's subtitles."""
+    """What moves need of the engine: the registry, the config, and where a path belongs."""
 
     reg: Registry
     config: Config
 
     def library_for(self, path: Path) -> LibraryConfig | None: ...
+
+
+class Arrivals(Protocol):
+    """A film under a new name, and a later look at its subtitles (:class:`cinecutd.intake.Intake`)."""
+
     def register(self, film: Path, lib: LibraryConfig) -> FilmState: ...
     def recheck_subtitles_later(self, film: Path) -> None: ...
 
@@ -213,6 +217,7 @@ class Moves:
     def __init__(self, host: MoveHost, judge: Judge) -> None:
         self.host = host
         self.judge = judge
+        self.intake: Arrivals | None = None  # set by the engine
         self.gone: dict[Identity, tuple[Path, SourceStamp, float]] = {}
         # New films that arrived without a work dir, by inode: when a move's deletion half is reported
         # after its creation half (two roots, two observers), the vanished film's results still follow.
@@ -232,6 +237,11 @@ class Moves:
         self.hiding: dict[Identity, tuple[Path, float]] = {}
 
     # ----------------------------------------------------------------- questions from the judge
+    @property
+    def _arrivals(self) -> Arrivals:
+        assert self.intake is not None, "the engine wires the intake in"
+        return self.intake
+
     def holds(self, film: Path) -> bool:
         """Its work dir has not followed it yet: judged once the move is done."""
         return film in self.pending
@@ -325,7 +335,7 @@ class Moves:
         src_dir = None
         if waiting is not None and not dir_moved:  # renamed again before its work dir could follow
             old_film, src_dir = waiting.old_film, waiting.src_dir
-        new_state = self.host.register(new_film, lib)
+        new_state = self._arrivals.register(new_film, lib)
         new_state.stamp, new_state.inode, new_state.device = state.stamp, state.inode, state.device
         new_state.last_event = (Trigger.RENAMED, time.time())
         if waiting is not None and not dir_moved and waiting.deadline is not None:
@@ -356,7 +366,7 @@ class Moves:
             # judging them now would take the gap for a subtitle change and wipe the results. The last
             # sidecar's arrival (or a timer) revalidates.
             self.renaming[new_film] = old_film
-            self.host.recheck_subtitles_later(new_film)
+            self._arrivals.recheck_subtitles_later(new_film)
             if SourceStamp.maybe(new_film) == new_state.stamp:
                 return
         else:

@@ -29,10 +29,11 @@ from cinecutd.discovery import ScanResult, iter_scan_root, subtitles_of
 from cinecutd.gc import collect_orphans
 from cinecutd.migrate import JOURNAL_NAME, MigrationError, resume_migration
 from cinecutd.registry import FilmState, RootState
+from cinecutd.states import RootStatus
 
 if TYPE_CHECKING:
     from cinecutd.config import LibraryConfig
-    from cinecutd.engine import Engine
+    from cinecutd.reconciler import Reconciler
 
 log = structlog.get_logger("cinecutd")
 
@@ -47,13 +48,13 @@ Summary = dict[str, Any]
 class ReconcileJob:
     """One rescan in progress: its generator, who waits for it, and what events touched meanwhile."""
 
-    def __init__(self, engine: Engine, reason: str, waiters: list[Callable[[Summary], None]] | None = None) -> None:
+    def __init__(self, owner: Reconciler, reason: str, waiters: list[Callable[[Summary], None]] | None = None) -> None:
         self.reason = reason
         self.waiters: list[Callable[[Summary], None]] = list(waiters or [])
         self.summary: Summary | None = None
         self._touched: set[tuple[Path, str]] = set()  # (folder, stem) an event was about
         self._trees: set[Path] = set()  # folders created, moved or deleted: all they hold is touched
-        self._steps = _steps(engine, self, reason)
+        self._steps = _steps(owner, self, reason)
 
     # ----------------------------------------------------------------- marks from events
     def mark(self, src: str, dest: str | None, is_dir: bool) -> None:
@@ -123,33 +124,33 @@ def _any_subtitle_stems(name: str) -> list[str]:
     return subtitle_stems(name, (ext.lower(),)) if ext else []
 
 
-def _steps(eng: Engine, job: ReconcileJob, reason: str) -> Iterator[None]:
+def _steps(rec: Reconciler, job: ReconcileJob, reason: str) -> Iterator[None]:
     """The rescan, yielding between units of work (a slice of a listing, a film)."""
     faults.point("rescan")
     t0 = time.monotonic()
+    eng = rec.host
     reg = eng.reg
     reg.counters["rescans"] += 1
     found: dict[Path, tuple[LibraryConfig, tuple[Path, ...]]] = {}
     work_dirs: set[Path] = set()
     scanned_roots: set[Path] = set()
     unreadable: list[tuple[str, str]] = []
-    for lib in list(eng._libraries):
+    for lib in list(eng.libraries):
         res = ScanResult(lib.path)
         yield from iter_scan_root(lib.path, lib.video_extensions, lib.subtitle_extensions, res)
         root_state = reg.roots.setdefault(lib.path, RootState(lib.path, lib.watch))
         if res.missing:
-            if root_state.state != "missing":
+            if root_state.state != RootStatus.MISSING:
                 log.warning("root_missing", root=str(lib.path), detail=res.unreadable[0][1] if res.unreadable else "")
-            eng._root_missing(lib.path)
+            rec.root_missing(lib.path)
             continue
-        if root_state.state in ("missing", "unreadable"):
-            root_state.state = "pending-watch"
+        rec.root_scanned(root_state)
         scanned_roots.add(lib.path)
         root_state.films = len(res.films)
         unreadable.extend((str(path), why) for path, why in res.unreadable)
         for loop in res.loops:
-            if loop not in eng._loops_warned:
-                eng._loops_warned.add(loop)
+            if loop not in rec.loops_warned:
+                rec.loops_warned.add(loop)
                 log.warning("folder_loop", folder=str(loop),
                             detail="already scanned under another path (a bind mount of an ancestor?); skipped")
         for film, subs in res.films.items():
@@ -174,7 +175,7 @@ def _steps(eng: Engine, job: ReconcileJob, reason: str) -> Iterator[None]:
     if reason == "startup":
         pending = list(work_dirs)
         for i in range(0, len(pending), BATCH):
-            eng._sweep_own_temp_files(set(pending[i : i + BATCH]))
+            rec.sweep(set(pending[i : i + BATCH]))
             yield
     # Register what the scan found; a film an event touched meanwhile is looked at afresh.
     states: list[FilmState] = []
@@ -187,7 +188,7 @@ def _steps(eng: Engine, job: ReconcileJob, reason: str) -> Iterator[None]:
             subs = subtitles_of(film, lib.subtitle_extensions)
         state = reg.films.get(film)
         if state is None:
-            state = eng._register(film, lib, subs)
+            state = rec.intake.register(film, lib, subs)
         state.subtitles = subs
         states.append(state)
     # Films the scan did not find are gone, unless an event brought them in meanwhile.
@@ -196,7 +197,7 @@ def _steps(eng: Engine, job: ReconcileJob, reason: str) -> Iterator[None]:
         if i % BATCH == 0:
             yield
         if film in reg.films:
-            eng._film_gone(film)
+            rec.intake.film_gone(film)
     # Same-stem twins: every registered film is now one the disk has (or an event just brought).
     conflicts = {wd: sorted(fs) for wd, fs in reg.by_work_dir.items() if len(fs) > 1}
     reg.conflicts = conflicts
@@ -208,7 +209,7 @@ def _steps(eng: Engine, job: ReconcileJob, reason: str) -> Iterator[None]:
         homeless = [s for s in states if s.work_dir not in work_dirs and s.film not in conflicted]
         if homeless:
             yield
-            eng._adopt_orphans(homeless, orphaned, work_dirs)
+            rec.adopt_orphans(homeless, orphaned, work_dirs)
     # Judge each film, one per step; a film an event touched meanwhile gets its subtitles listed again.
     for state in states:
         yield
@@ -219,7 +220,7 @@ def _steps(eng: Engine, job: ReconcileJob, reason: str) -> Iterator[None]:
             if lib is None:
                 continue
             state.subtitles = subtitles_of(state.film, lib.subtitle_extensions)
-        eng._reconcile_film(state, t0)
+        rec.reconcile_film(state, t0)
     yield
     orphans: dict[Path, float] = {}
     for wd in work_dirs | {w for w in reg.orphans if job.touched_work_dir(w)}:

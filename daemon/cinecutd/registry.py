@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cinecut.inference.cache import CacheState
 from cinecut.stamp import SourceStamp
 from cinecut.stamps import InputStamps
 from cinecut.workdir import WorkDir
@@ -28,7 +29,7 @@ class FilmState:
     stamp: SourceStamp | None = None
     inode: int | None = None
     device: int | None = None
-    cache: str = "missing"  # valid | stale | missing | corrupt
+    cache: CacheState = CacheState.MISSING  # set by cinecutd.queries.cache_validity only
     cache_records: int | None = None
     has_work_dir: bool = False
     last_event: tuple[str, float] | None = None  # (kind, wall time)

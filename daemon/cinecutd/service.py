@@ -30,6 +30,7 @@ from cinecutd.instance import EX_ALREADY_RUNNING, AlreadyRunning, take_instance_
 from cinecutd.logs import configure_logging
 from cinecutd.memory import trim_heap
 from cinecutd.sdnotify import Notifier
+from cinecutd.states import RootStatus
 from cinecutd.watcher import Watchers
 from cinecutd.webhook import WebhookDown, WebhookReceiver, start_receiver
 
@@ -261,9 +262,9 @@ class Daemon:
         back = [
             r.path
             for r in self.engine.reg.roots.values()
-            if r.state in ("missing", "pending-watch") and os.path.isdir(r.path)
+            if r.state in (RootStatus.MISSING, RootStatus.PENDING_WATCH) and os.path.isdir(r.path)
         ]
-        gone = [r.path for r in self.engine.reg.roots.values() if r.state != "missing" and not os.path.isdir(r.path)]
+        gone = [r.path for r in self.engine.reg.roots.values() if r.state != RootStatus.MISSING and not os.path.isdir(r.path)]
         for root in gone:
             log.warning("root_missing", root=str(root))
             self.engine.root_missing(root)

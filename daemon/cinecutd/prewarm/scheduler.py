@@ -380,7 +380,7 @@ class PrewarmScheduler:
         except OSError:
             return False
         if cs is CacheState.VALID:
-            state.cache = "valid"
+            state.cache = CacheState.VALID
             self._queue_dirty = True
             return True
         return False
