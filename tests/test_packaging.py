@@ -57,6 +57,8 @@ def test_every_module_of_the_source_tree_is_packaged(unpacked):
 def test_service_files_are_the_upstream_ones(unpacked):
     assert (unpacked / "lib/systemd/system/cinecut-cache.service").read_text() == \
         (REPO / "cinecut-cache.service").read_text()
+    assert (unpacked / "lib/systemd/system/cinecut-worker.service").read_text() == \
+        (REPO / "cinecut-worker.service").read_text()
     assert (unpacked / "usr/lib/sysusers.d/cinecut.conf").read_text() == \
         (PACKAGING / "sysusers.d/cinecut.conf").read_text()
     assert (unpacked / "usr/lib/tmpfiles.d/cinecut.conf").read_text() == \
@@ -93,8 +95,10 @@ def test_maintainer_scripts_create_the_user_before_its_runtime_dir_and_do_not_en
     assert postinst.index("systemd-sysusers") < postinst.index("systemd-tmpfiles")
     assert "cinecut.conf" in postinst
     # enablement is left to the admin: only a unit that was enabled before is re-enabled
-    assert postinst.count("deb-systemd-helper enable") == 1
-    assert re.search(r"was-enabled[^\n]*\n(?:[^\n]*\n){0,2}[^\n]*deb-systemd-helper enable", postinst)
+    # (one guarded enable per unit: the service and the remote worker)
+    assert postinst.count("deb-systemd-helper enable") == 2
+    guarded = r"was-enabled[^\n]*\n(?:[^\n]*\n){0,2}[^\n]*deb-systemd-helper enable"
+    assert len(re.findall(guarded, postinst)) == 2
     postrm = (unpacked / "DEBIAN/postrm").read_text()
     assert "rm -rf /var/lib/cinecut /var/cache/cinecut /opt/cinecut-cache/prewarm" in postrm
     assert '[ "$1" = purge ]' in postrm
