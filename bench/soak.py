@@ -1297,6 +1297,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     ops = [[op, n, res.flat_op_counts.get(op, "")] for op, n in res.op_counts.items()]
     ops += [[f"hard link: {k}", n, ""] for k, n in res.link_counts.items()]
+    ops += [["flat folder renamed (all its films)", "", res.flat_op_counts.get("(flat folder renamed)", 0)]]
     print_table("operations by kind", ["operation", "count", "on flat-folder films"], ops)
     print_table("cinecutd churn soak", ["measure", "value", "target"], rows)
     for example in s["after_rescan"]["examples"]:
