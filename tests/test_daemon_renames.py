@@ -240,3 +240,30 @@ def test_renames_while_the_daemon_was_down_keep_results(runner: DaemonRunner) ->
         assert_upstream_accepts(new)
     st = d.status()
     assert st["films"]["orphaned"] == 0 and st["counters"].get("invalidations", 0) == 0
+
+
+@pytest.mark.parametrize("across_roots", [False, True], ids=["same_root", "other_root"])
+def test_film_moved_into_a_folder_renamed_before_the_move_was_handled_keeps_results(
+    runner: DaemonRunner, across_roots: bool
+) -> None:
+    """The film moves into folder F, and F is renamed at once (a tool tidying up): the daemon handles the
+    film's move after F has gone. The work dir must still follow the film to where it now is."""
+    a, b = runner.library("films"), runner.library("films-4k")
+    film = make_film_with_work_dir(a / "Heat (1995)", "Heat (1995)", subtitles=())
+    d = runner.start([Library(a), Library(b)])
+    dest_root = b if across_roots else a
+    (dest_root / "Incoming").mkdir()
+    d.sync()
+    for _ in range(3):  # the race is the point: make it likely that the folder moves before the film's turn
+        moved_into = dest_root / "Incoming" / film.path.name
+        os.rename(film.path, moved_into)
+        final = dest_root / "Heat (1995) [tidy]"
+        os.rename(dest_root / "Incoming", final)
+        new = _moved(film, final / film.path.name)
+        wait_for(lambda new=new: results_followed(film, new), what="work dir followed through the vanished folder")
+        assert d.counter("invalidations") == 0
+        # Back to where it was, for the next round.
+        os.rename(final / film.path.name, film.path)
+        os.rename(final, dest_root / "Incoming")
+        wait_for(lambda new=new: results_followed(new, film), what="and back")
+    assert d.status()["films"]["orphaned"] == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -43,6 +44,8 @@ GONE_MEMORY_S = 600.0
 #: dir's lock is waited for as long as it holds it; this bounds only the unlocked, unmarked case (a
 #: pipeline between creating the work dir and locking it).
 UNCONFIRMED_WAIT_S = 1.0
+#: How soon a rescan follows a move that met a stale path (so the folder rename's own events come first).
+CATCH_UP_DELAY_S = 0.5
 
 
 class MoveHost(Protocol):
@@ -52,6 +55,8 @@ class MoveHost(Protocol):
     config: Config
 
     def library_for(self, path: Path) -> LibraryConfig | None: ...
+    def later(self, due: float, fn: Callable[[], None]) -> None: ...
+    def request_reconcile(self, reason: str) -> None: ...
 
 
 class Arrivals(Protocol):
@@ -218,6 +223,7 @@ class Moves:
         self.host = host
         self.judge = judge
         self.intake: Arrivals | None = None  # set by the engine
+        self._catch_up_due = False
         self.gone: dict[Identity, tuple[Path, SourceStamp, float]] = {}
         # New films that arrived without a work dir, by inode: when a move's deletion half is reported
         # after its creation half (two roots, two observers), the vanished film's results still follow.
@@ -298,6 +304,9 @@ class Moves:
         if state is None:
             return
         reg.counters["films_gone"] += 1
+        if not os.path.isdir(film.parent) and not os.path.lexists(state.work_dir):
+            # Its folder moved on before this event's turn: where its results went, only a look can say.
+            self._catch_up("a film left a folder that was renamed or removed before its turn")
         if state.inode is not None and state.device is not None and state.stamp is not None:
             if self._follow_to_twin(state):
                 return
@@ -355,6 +364,8 @@ class Moves:
             old_wd = new_state.work_dir
         if src_dir is not None or os.path.lexists(old_wd) or os.path.lexists(new_state.work_dir):
             self.migrate(old_film, new_film, t0, moved_with_folder=dir_moved, identity=identity, src_dir=src_dir)
+        elif not os.path.isdir(old_wd.parent):
+            self._catch_up("the folder a film left was renamed before its move's turn")
         self.judge_after_move(old_film, new_state, lib, t0, Trigger.RENAMED)
 
     def judge_after_move(self, old_film: Path, new_state: FilmState, lib: LibraryConfig, t0: float,
@@ -419,6 +430,21 @@ class Moves:
         self.judge.defer(state, Trigger.RENAMED, LockBusy(WorkDir.for_film(old_film).lock_path))
 
     # ----------------------------------------------------------------- the one move
+    def _catch_up(self, why: str) -> None:
+        """A move met a stale path: a folder on it was renamed after the event was queued. The film's later
+        events carry the new names, but its results sit where the old ones pointed; a rescan soon (rather
+        than the periodic one) reunites them by their own evidence (orphan adoption). One per burst."""
+        if self._catch_up_due:
+            return
+        self._catch_up_due = True
+        log.info("catch_up_rescan", reason=why, in_s=CATCH_UP_DELAY_S)
+
+        def run() -> None:
+            self._catch_up_due = False
+            self.host.request_reconcile("catch-up after a stale move")
+
+        self.host.later(time.monotonic() + CATCH_UP_DELAY_S, run)
+
     def migrate(self, old_film: Path, new_film: Path, t0: float, *, moved_with_folder: bool = False,
                 identity: Identity | None = None, src_dir: Path | None = None) -> str:
         """Carry the work dir of ``old_film`` (at ``src_dir`` when parked) to ``new_film``, if its results
@@ -436,6 +462,8 @@ class Moves:
             if not os.path.lexists(src):
                 if os.path.lexists(new_wd) and not moved_with_folder:
                     self._make_room(new_wd, new_film, identity)  # other results are never judged against it
+                if not os.path.isdir(src.parent) or not os.path.isdir(new_film.parent):
+                    self._catch_up("a folder on the path of a work-dir move was renamed before its turn")
                 return "refused"
             ev = read_evidence(src, old_film.stem)
             verdict = judge(ev, old_film, identity)
@@ -462,6 +490,8 @@ class Moves:
             return "deferred"
         except (MigrationError, OSError) as exc:
             log.warning("migration_skipped", film=str(new_film), old_film=str(old_film), reason=str(exc))
+            if not os.path.isdir(new_film.parent) or not os.path.lexists(src):
+                self._catch_up("a folder on the path of a work-dir move was renamed before its turn")
             if os.path.lexists(src) and src != new_wd:
                 reg.orphans.setdefault(src, time.time())
             return "refused"

@@ -245,8 +245,9 @@ class Reconciler:
             old = Path(rec.source_file)
             if is_parked_name(wd.name):  # parked when another film took its name: its file may be back
                 by_inode[(rec.device, rec.inode)] = (old, wd)
-            elif WorkDir.for_film(old).path == wd and not os.path.lexists(old):
-                by_inode[(rec.device, rec.inode)] = (old, None)
+            elif WorkDir.for_film(old).path.name == wd.name and not os.path.lexists(old):
+                # At its recorded place, or in a folder renamed since (the record names the folder's old name).
+                by_inode[(rec.device, rec.inode)] = (old, None if WorkDir.for_film(old).path == wd else wd)
         by_stamp = orphans_by_cache_stamp(orphaned)  # upstream's work dirs: no sidecar, the cache names it
         for state in homeless if by_inode or by_stamp else ():
             try:
