@@ -120,9 +120,9 @@ BACKUP_DIR_NAME = "Backups"
 LINK_KINDS = ("lock", "holder", "partial", "keyframe", "proxy")
 #: Two films swapping names through a name the scan ignores, subtitles along (``--swaps``). Off by default:
 #: at full churn, across roots and with pipelines writing, some swapped results still end up parked or
-#: invalidated instead of following their file (the daemon tests of single swaps pass). Seen: the swap's
-#: second move fails (``migration_skipped``, ENOENT) when a folder on its way was renamed a moment before,
-#: and is not retried: one film's results stay parked, the other's are judged against the wrong film.
+#: invalidated instead of following their file (the daemon tests of single swaps pass). A move whose folder
+#: was renamed before its turn is now reunited by a prompt rescan; still seen (2 of 400 operations): a swap
+#: across roots leaves one film's results parked while the other's are judged against the wrong film.
 SWAP_OPS: dict[str, int] = {"hidden_swap": 3}
 #: Operations a same-stem twin (a film sharing its owner's work dir by name) gets in place of a subtitle
 #: operation: a subtitle named after the shared stem would belong to the owner too.
