@@ -275,15 +275,9 @@ def _configure_text(shape: ModelShape, tokens: list[str], scores: list[float], t
         w.add_rope_dimension_count(shape.n_embd // shape.n_head)
         w.add_layer_norm_rms_eps(1e-5)
         w.add_file_type(2)  # MOSTLY_Q4_0
-        w.add_tokenizer_model("llama")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_unk_token_id(0)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
+        from cinecut.demo.tinymodel import add_llama_tokenizer
+
+        add_llama_tokenizer(w, tokens, scores, types)
 
     return configure
 

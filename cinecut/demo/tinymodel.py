@@ -80,6 +80,19 @@ class TinyLlava:
     mmproj_path: Path
 
 
+def add_llama_tokenizer(w: Any, tokens: list[str], scores: list[float], types: list[int]) -> None:
+    """The LLaMA SentencePiece tokenizer keys every generated text model carries (unk 0, bos 1, eos 2)."""
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+
 def _vocab() -> tuple[list[str], list[float], list[int]]:
     """A SentencePiece-style vocabulary: specials, 256 byte tokens, ASCII, whole words and their prefixes.
 
@@ -251,15 +264,7 @@ def _configure_text(tokens: list[str], scores: list[float], types: list[int]) ->
         w.add_rope_dimension_count(HEAD_DIM)
         w.add_layer_norm_rms_eps(1e-5)
         w.add_file_type(0)  # all F32
-        w.add_tokenizer_model("llama")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_unk_token_id(0)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
+        add_llama_tokenizer(w, tokens, scores, types)
 
     return configure
 
