@@ -39,6 +39,7 @@ import msgpack
 from cinecut import fresh, safefs
 from cinecut.inference.cache import MAX_RESULTS, Result, bounded_unpacker, decode_item
 from cinecut.inference.models import SceneDescription
+from cinecut.inference.strictmap import read_fixed_map
 from cinecut.models import KEYFRAME_SOURCES, KeyframeRecord
 from cinecut.stamp import SourceStamp
 from cinecut.workdir import CACHE_TMP_SUFFIX
@@ -119,32 +120,20 @@ class PartialRead:
 
 
 def _decode_header(unpacker: msgpack.Unpacker, size: int) -> PartialHeader:
-    n = unpacker.read_map_header()
-    if n != len(_HEADER_KEYS):
-        raise ValueError("not a partial results header")
-    raw: dict[str, Any] = {}
     plan: list[PlanEntry] = []
-    for _ in range(n):
-        key = unpacker.unpack()
-        if key not in _HEADER_KEYS or key in raw:
-            raise ValueError(f"unexpected header key {key!r}")
-        if key == "plan":
-            count = unpacker.read_array_header()
-            if count > min(MAX_RESULTS, size):
-                raise ValueError(f"plan declares {count} entries")
-            for _ in range(count):
-                item = unpacker.unpack()
-                if not isinstance(item, list) or len(item) != 2:
-                    raise ValueError("plan entries must be [timestamp_s, source]")
-                t, source = item
-                if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
-                    raise ValueError("plan timestamp must be a finite non-negative number")
-                if source not in KEYFRAME_SOURCES:
-                    raise ValueError(f"unknown keyframe source {source!r}")
-                plan.append((float(t), source))
-            raw[key] = True
-        else:
-            raw[key] = unpacker.unpack()
+
+    def take(item: Any) -> None:
+        if not isinstance(item, list) or len(item) != 2:
+            raise ValueError("plan entries must be [timestamp_s, source]")
+        t, source = item
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            raise ValueError("plan timestamp must be a finite non-negative number")
+        if source not in KEYFRAME_SOURCES:
+            raise ValueError(f"unknown keyframe source {source!r}")
+        plan.append((float(t), source))
+
+    raw = read_fixed_map(unpacker, _HEADER_KEYS, "plan", take, max_items=min(MAX_RESULTS, size),
+                         what="partial results header")
     if raw["format"] != FORMAT or raw["version"] != VERSION:
         raise ValueError("not a partial results file of a known format")
     if not isinstance(raw["source_file"], str) or not isinstance(raw["fingerprint"], str):

@@ -41,6 +41,7 @@ from cinecut import faults, safefs
 from cinecut.inference.cache import MAX_CACHE_BYTES, MAX_RESULTS, Result, bounded_unpacker, decode_cache
 from cinecut.inference.models import SceneDescription
 from cinecut.inference.partial import read_partial_at
+from cinecut.inference.strictmap import read_fixed_map
 from cinecut.models import KeyframeRecord
 from cinecut.stamp import SourceStamp
 from cinecut.workdir import CACHE_TMP_SUFFIX, WorkDir
@@ -94,31 +95,19 @@ def decode_salvage(data: bytes) -> Salvage:
     """Strictly decode store bytes; ValueError on anything else (bounded like the cache reader)."""
     size = max(len(data), 1)
     unpacker = bounded_unpacker(io.BytesIO(data), size, min(size, _MAX_STR))
-    raw: dict[str, Any] = {}
     frames: dict[int, SceneDescription] = {}
+
+    def take(item: Any) -> None:
+        if not isinstance(item, list) or len(item) != 2:
+            raise ValueError("frames entries must be [ms, description]")
+        ms, desc = item
+        if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0 or ms in frames:
+            raise ValueError("frame keys must be distinct non-negative integers")
+        frames[ms] = SceneDescription.from_dict(desc)
+
     try:
-        n = unpacker.read_map_header()
-        if n != len(_KEYS):
-            raise ValueError("not a salvage store")
-        for _ in range(n):
-            key = unpacker.unpack()
-            if key not in _KEYS or key in raw:
-                raise ValueError(f"unexpected key {key!r}")
-            if key == "frames":
-                count = unpacker.read_array_header()
-                if count > min(MAX_RESULTS, size):
-                    raise ValueError(f"frames declares {count} entries")
-                for _ in range(count):
-                    item = unpacker.unpack()
-                    if not isinstance(item, list) or len(item) != 2:
-                        raise ValueError("frames entries must be [ms, description]")
-                    ms, desc = item
-                    if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0 or ms in frames:
-                        raise ValueError("frame keys must be distinct non-negative integers")
-                    frames[ms] = SceneDescription.from_dict(desc)
-                raw[key] = True
-            else:
-                raw[key] = unpacker.unpack()
+        raw = read_fixed_map(unpacker, _KEYS, "frames", take, max_items=min(MAX_RESULTS, size),
+                             what="salvage store")
         if unpacker.tell() != len(data):
             raise ValueError("extra bytes after the salvage store")
     except (TypeError, msgpack.UnpackException) as exc:
