@@ -33,7 +33,7 @@ bench-keyframes: $(VENV)/.installed
 ## Large libraries: flat vs foldered, events during rescans, first start over upstream-written work dirs.
 bench-scale: $(VENV)/.installed
 	$(PY) bench/bench_flat_library.py
-	$(PY) bench/bench_first_start.py
+	$(PY) -m bench.bench_first_start
 
 ## Pre-warm: salvage after a subtitle change; sequential vs parallel frames/s (add ARGS=--size 7b on a GPU).
 bench-prewarm: $(VENV)/.installed
@@ -50,7 +50,7 @@ docs-config: $(VENV)/.installed
 
 ## Long churn soak against a running daemon (the CI version runs in `make test`).
 soak: $(VENV)/.installed
-	$(PY) bench/soak.py --operations 10000
+	$(PY) -m bench.soak --operations 10000
 
 ## The Debian package (../cinecut-cache_*.deb).
 deb:

@@ -1,7 +1,7 @@
 """First start of cinecutd on a library upstream already analysed, against the next start.
 
-    python bench/bench_first_start.py                # 10,000 films
-    python bench/bench_first_start.py --films 2000   # quicker
+    python -m bench.bench_first_start                # 10,000 films (from the repository root)
+    python -m bench.bench_first_start --films 2000   # quicker
 
 Builds N films, each in its own folder with the work dir a finished upstream run leaves (checkpoint,
 SceneDescription cache stamped with the film, proxy, keyframes, timestamps, manifest) and no file of
@@ -22,17 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))
-sys.path.insert(0, str(_HERE.parent / "tests"))
-from _common import print_table, write_result  # noqa: E402
-from daemon_harness import Daemon, DaemonRunner, Library  # noqa: E402
-
-from cinecut.inference.cache import encode_cache  # noqa: E402
-from cinecut.inference.models import SceneDescription  # noqa: E402
-from cinecut.models import KeyframeRecord  # noqa: E402
-from cinecut.stamp import SourceStamp  # noqa: E402
-from cinecut.workdir import WorkDir  # noqa: E402
+from bench._common import print_table, write_result
+from cinecut.inference.cache import encode_cache
+from cinecut.inference.models import SceneDescription
+from cinecut.models import KeyframeRecord
+from cinecut.stamp import SourceStamp
+from cinecut.workdir import WorkDir
+from tests.harness.runner import Daemon, DaemonRunner, Library
 
 MTIME = 1_700_000_000.25
 RECORDS = 40

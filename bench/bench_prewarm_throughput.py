@@ -5,10 +5,15 @@
 
 Sides, all on the same llama.cpp build, the same generated model pair and the same keyframe JPEGs:
 
-* ``upstream``: what upstream CineCut does through ``llama-server -np 1 -c 2048``: one frame per request,
-  the SceneDescription JSON-schema grammar, temperature 0.1, ``max_tokens`` as fixed below; here as one
-  ``create_chat_completion`` per frame through llama-cpp-python's Llava15ChatHandler, with every core
-  (llama-server's default thread count).
+* ``upstream``: what upstream CineCut gets from ``llama-server -np 1 -c 2048`` with its defaults, one frame
+  per request: the SceneDescription JSON-schema grammar, temperature 0.1, ``max_tokens`` as fixed below,
+  and what the server does unasked: ``cache_prompt`` (the text before the image, the same in every
+  request, stays in the slot's cache and is not evaluated again), flash attention ``auto`` (enabled on
+  the CPU and on CUDA), the grammar checked after the sampler chain, the image encoded inline. Here as
+  that one-slot loop over the same llama.cpp calls, with every core (llama-server's default threads).
+* ``chat``: the same requests through llama-cpp-python's ``create_chat_completion`` (Llava15ChatHandler),
+  which does none of those three (the whole prompt every frame, no flash attention, the grammar over
+  the whole vocabulary every token); kept to compare with results measured before ``upstream`` was.
 * ``engine``: our current one-frame-at-a-time engine (:class:`cinecut.inference.engine.LlavaEngine`), as
   the pipeline runs it with ``parallel = 1`` (llama-cpp-python's default threads: half the cores for
   generation, all for the prompt; ``--threads`` does not apply to it).
@@ -104,10 +109,76 @@ class _Vram:
             return None
 
 
-def _upstream_side(
+def _server_side(
     model: Path, mmproj: Path, n_gpu_layers: int, tokens: int, threads: int
 ) -> tuple[Any, Callable[[Path], int]]:
-    """One chat completion per frame, as upstream's llama-server request does it."""
+    """llama-server's one slot, one request per frame: its defaults, not our engine's tricks.
+
+    The prompt prefix shared with the previous request stays in the cache (``cache_prompt``), the rest
+    (image rows, then text) is decoded, then one token per decode, sampled by the chain with the grammar
+    checked after it (repeat penalty 1.0, the server's default). No overlap: the image is read and
+    encoded inside the request, as the server does.
+    """
+    from cinecut.inference.engine import DEFAULT_PROMPT
+    from cinecut.inference.frame_feed import FrameFeeder
+    from cinecut.inference.prefill import Prefiller
+    from cinecut.inference.seq_sampling import SamplingParams, SequenceSampler, Vocabulary
+    from cinecut.inference.seqcontext import SequenceContext
+
+    sc = SequenceContext(model, mmproj, n_gpu_layers=n_gpu_layers, threads=threads)
+    voc = Vocabulary(sc.lc, sc.model)
+    feed = FrameFeeder(sc, DEFAULT_PROMPT)
+    feed.shutdown()  # inline only
+    sc.create(1, UPSTREAM_N_CTX, 0)
+    prefill = Prefiller(sc, [], prefix_seq=0)
+    params = SamplingParams(temperature=UPSTREAM_TEMPERATURE, repeat_penalty=1.0)
+    cached: list[int] = []  # the text the slot's cache starts with
+
+    class Slot:
+        context = sc  # what the tests inspect
+
+        def close(self) -> None:
+            sc.free()
+
+    def one(path: Path) -> int:
+        prepared = feed.prepare(path)
+        parts = prepared.parts
+        assert prepared.error is None and parts[0][0] == "text"
+        if cached and parts[0][1] == cached:  # cache_prompt: keep the common prefix, drop the rest
+            sc.lc.llama_memory_seq_rm(sc.mem, 0, len(cached), -1)
+            plan = [(0, parts[1:], len(cached))]
+        else:
+            sc.drop_seq(0)
+            plan = [(0, parts, 0)]
+        sampler = SequenceSampler(voc, params)
+        state = {"n_past": 0, "token": -1}
+
+        def ready(_i: int, row: int, n_past: int) -> None:
+            state["n_past"], state["token"] = n_past, sampler.sample(sc.logits(row))
+
+        try:
+            prefill.evaluate(plan, ready)
+            cached[:] = parts[0][1]
+            n = 0
+            while not voc.is_eog(state["token"]):
+                n += 1
+                if n >= tokens:
+                    break
+                sc.decode([(state["token"], state["n_past"], 0, True)])
+                state["n_past"] += 1
+                state["token"] = sampler.sample(sc.logits(0))
+            return n
+        finally:
+            sampler.free()
+            feed.free(prepared)
+
+    return Slot(), one
+
+
+def _chat_side(
+    model: Path, mmproj: Path, n_gpu_layers: int, tokens: int, threads: int
+) -> tuple[Any, Callable[[Path], int]]:
+    """One chat completion per frame through llama-cpp-python (results measured before ``upstream``)."""
     import base64
 
     from llama_cpp import Llama
@@ -230,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sides",
         nargs="+",
         default=["upstream", "engine", "parallel"],
-        choices=["upstream", "engine", "parallel"],
+        choices=["upstream", "chat", "engine", "parallel"],
     )
     ap.add_argument(
         "--threads",
@@ -265,9 +336,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 run_side(
                     "upstream",
-                    lambda: _upstream_side(m, p, n_gpu_layers, args.tokens, args.threads),
+                    lambda: _server_side(m, p, n_gpu_layers, args.tokens, args.threads),
                     frames,
                     vram,
+                )
+            )
+        if "chat" in args.sides:
+            rows.append(
+                run_side(
+                    "chat", lambda: _chat_side(m, p, n_gpu_layers, args.tokens, args.threads), frames, vram
                 )
             )
         if "engine" in args.sides:

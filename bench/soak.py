@@ -1,7 +1,7 @@
 """Churn soak: a busy film library played against a real ``cinecutd``, checked against an independent model.
 
-    python bench/soak.py --operations 10000          # the long run (`make soak`)
-    python bench/soak.py --operations 400 --films 30 # about what CI runs (tests/test_soak.py)
+    python -m bench.soak --operations 10000          # the long run (`make soak`), from the repository root
+    python -m bench.soak --operations 400 --films 30 # about what CI runs (tests/test_soak.py)
 
 Two library roots on one filesystem, watched by a real ``cinecutd run`` process with real inotify. The
 driver plays, as fast as the operations go: films arriving by slow copy (in place, or as ``.partial``
@@ -54,22 +54,16 @@ from typing import Any
 
 import psutil
 
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))
-sys.path.insert(0, str(_HERE.parent / "tests"))
-
-from _common import print_table, write_result  # noqa: E402
-from daemon_harness import Daemon, DaemonRunner, Library, wait_for  # noqa: E402
-
-from cinecut import safefs  # noqa: E402
-from cinecut.checkpoint import PipelineCheckpoint, read_checkpoint, save_checkpoint_at  # noqa: E402
-from cinecut.inference.cache import encode_cache, read_cache_file, read_cache_metadata  # noqa: E402
-from cinecut.inference.models import SceneDescription  # noqa: E402
-from cinecut.locks import HOLDER_SUFFIX, work_dir_lock  # noqa: E402
-from cinecut.models import KeyframeRecord  # noqa: E402
-from cinecut.stamp import SourceStamp  # noqa: E402
-from cinecut.stamps import InputStamps, current_stamps, read_stamps_at, write_stamps_at  # noqa: E402
-from cinecut.workdir import (  # noqa: E402
+from bench._common import print_table, write_result
+from cinecut import safefs
+from cinecut.checkpoint import PipelineCheckpoint, read_checkpoint, save_checkpoint_at
+from cinecut.inference.cache import encode_cache, read_cache_file, read_cache_metadata
+from cinecut.inference.models import SceneDescription
+from cinecut.locks import HOLDER_SUFFIX, work_dir_lock
+from cinecut.models import KeyframeRecord
+from cinecut.stamp import SourceStamp
+from cinecut.stamps import InputStamps, current_stamps, read_stamps_at, write_stamps_at
+from cinecut.workdir import (
     ASSEMBLY_MANIFEST_NAME,
     CACHE_TMP_SUFFIX,
     KEYFRAMES_DIR_NAME,
@@ -80,6 +74,8 @@ from cinecut.workdir import (  # noqa: E402
     is_work_dir_name,
     keyframe_name,
 )
+from tests.harness.runner import Daemon, DaemonRunner, Library
+from tests.harness.waiting import wait_for
 
 ALL_STAGES = ("proxy", "subtitles", "keyframes", "structural", "narrative", "assembly", "music")
 FILM_SIZE = 48 * 1024

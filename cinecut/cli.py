@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from cinecut import __version__
+from cinecut.analyze_options import AnalyzeOptions
 from cinecut.inference.parallel import MAX_PARALLEL
 from cinecut.ingest import IngestError
 from cinecut.pipeline import (
@@ -174,6 +175,18 @@ def _sigterm_as_interrupt(_sig: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def analyze_options(args: argparse.Namespace) -> AnalyzeOptions:
+    """What ``cinecut analyze`` asks for: an interactive run (a pre-warm yields the GPU to it) that waits for
+    the work dir and the GPU as long as it takes, or with ``--no-wait`` fails fast instead."""
+    return AnalyzeOptions.from_args(
+        args,
+        interactive=True,
+        lock_wait=0 if args.no_wait else None,
+        gpu_wait=NO_WAIT_GPU_GRACE_S if args.no_wait else None,
+        take_over=args.take_over,
+    )
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     json_to_stdout = args.json == "-"
     out = _console(stderr=json_to_stdout)
@@ -185,25 +198,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     _log_to(err)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        result: AnalysisResult = analyze(
-            args.film,
-            subtitle=args.subtitle,
-            model=args.model or None,
-            mmproj=args.mmproj or None,
-            n_gpu_layers=args.n_gpu_layers,
-            n_ctx=args.n_ctx,
-            max_tokens=args.max_tokens,
-            parallel=args.parallel,
-            vibe=args.vibe,
-            gpu_lock_path=args.gpu_lock,
-            interactive=True,
-            progress=display,
-            lock_wait=0 if args.no_wait else None,
-            gpu_wait=NO_WAIT_GPU_GRACE_S if args.no_wait else None,
-            max_gap=args.max_gap,
-            max_keyframes=args.max_keyframes,
-            take_over=args.take_over,
-        )
+        result: AnalysisResult = analyze(args.film, analyze_options(args), progress=display)
     except KeyboardInterrupt:
         display.close_bar()
         err.print(

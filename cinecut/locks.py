@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from cinecut import safefs
+from cinecut.polling import Polled, poll_acquire
 from cinecut.workdir import LOCK_NAME, WorkDir
 
 
@@ -102,13 +103,8 @@ class FileLock:
 
     def acquire(self, timeout: float | None = None, *, poll: float = 0.01) -> None:
         """Take the lock, waiting up to ``timeout`` seconds (None: forever); LockBusy when it stays held."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = poll
-        while not self.try_acquire():
-            if deadline is not None and time.monotonic() >= deadline:
-                raise LockBusy(self.path, self.holder())
-            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.2)
+        if poll_acquire(self.try_acquire, timeout=timeout, interval=poll, max_interval=0.2) is not Polled.ACQUIRED:
+            raise LockBusy(self.path, self.holder())
 
     def release(self) -> None:
         """Drop the lock (idempotent). The file stays: deleting it would race with other openers."""
@@ -176,6 +172,15 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True  # exists, owned by someone else
     return True
+
+
+def describe_holder(holder: dict[str, Any] | None) -> str:
+    """A holder as :meth:`FileLock.holder` reads it, in words for a waiting message."""
+    if not holder:
+        return "another process"
+    purpose = holder.get("purpose") or "a process"
+    pid = holder.get("pid")
+    return f"{purpose} (pid {pid})" if pid else str(purpose)
 
 
 def _is_regular(fd: int) -> bool:

@@ -1,9 +1,11 @@
 """Stages 1 to 4 of CineCut's analysis, with upstream's Stage 4 cache guard.
 
-One implementation serves ``cinecut analyze`` (interactive) and the daemon's pre-warm worker
-(non-interactive). The work dir it leaves is exactly what upstream expects: checkpoint stages ``proxy``,
-``subtitles`` and ``keyframes`` complete with their fields, ``keyframe_timestamps.json``, ``keyframes/``,
-and the SceneDescription cache with ``inference_complete``/``cache_hit`` set.
+One implementation serves ``cinecut analyze`` (interactive), the daemon's pre-warm worker and a remote
+worker's job (non-interactive); each describes what it wants as an
+:class:`~cinecut.analyze_options.AnalyzeOptions`. The work dir it leaves is exactly what upstream expects:
+checkpoint stages ``proxy``, ``subtitles`` and ``keyframes`` complete with their fields,
+``keyframe_timestamps.json``, ``keyframes/``, and the SceneDescription cache with
+``inference_complete``/``cache_hit`` set.
 
 Order of a run, and why:
 
@@ -13,42 +15,43 @@ Order of a run, and why:
    before any stage reads the film, is the stamp the cache is saved under.
 2. Each stage the checkpoint marks complete (and whose files are present) is skipped; the others run
    and are recorded one by one, so an interrupted run resumes at the first unfinished stage.
-3. Stage 4: a valid cache is a hit and the model is never loaded. On a miss the model is loaded once
-   and every keyframe not already in the partial results (:mod:`cinecut.inference.partial`) is
-   described. The film's stamp is checked after every frame and again after the last one: results of
-   a film that changed meanwhile are discarded, never saved under a stamp they do not match.
+3. Stage 4: a valid cache is a hit and the model is never loaded. On a miss every keyframe not already
+   in the partial results (:mod:`cinecut.inference.partial`) or the salvage store is described by the
+   run's :class:`~cinecut.inference.session.InferenceSession`. The film's stamp is checked after every
+   frame and again after the last one: results of a film that changed meanwhile are discarded, never
+   saved under a stamp they do not match.
 4. The stamps sidecar is rewritten last, as the commit mark.
 
-The GPU is shared through :class:`cinecut.locks.GpuLock`: an interactive run announces itself and
-waits; a pre-warm checks between frames whether it must yield, and if so saves its progress, hands
-the GPU over, waits, and resumes where it stopped.
+The GPU (:class:`cinecut.locks.GpuLock`, waiting, yielding, the model) belongs to the inference session;
+every wait for a lock polls through :func:`cinecut.polling.poll_acquire`, so a stop request or a deadline
+is heard while waiting.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import stat
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any
 
 from cinecut import faults, safefs
-from cinecut.checkpoint import (
-    CHECKPOINT_KEYS,
-    PipelineCheckpoint,
-    ensure_work_dir,
-    read_checkpoint_at,
-    save_checkpoint_at,
+from cinecut.analyze_options import (
+    DEFAULT_MAX_GAP_S,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_SPACING_S,
+    DEFAULT_N_CTX,
+    DEFAULT_VIBE,
+    AnalyzeOptions,
 )
-from cinecut.gpu_share import Busy, GpuShare
+from cinecut.checkpoint import PipelineCheckpoint, ensure_work_dir, save_checkpoint_at
+from cinecut.gpu_lockpath import GPU_LOCK_NAME, SYSTEM_GPU_LOCK_DIR, default_gpu_lock_path, prepare_lock_dir
+from cinecut.gpu_share import GpuShare
 from cinecut.inference.cache import CacheState, Result, cache_state, load_cache, save_cache
 from cinecut.inference.models import SceneDescription
 from cinecut.inference.partial import (
-    PartialWriter,
     PlanEntry,
     SyncPolicy,
     open_partial,
@@ -57,179 +60,66 @@ from cinecut.inference.partial import (
     remove_partial_at,
 )
 from cinecut.inference.salvage import frame_key, read_salvage_at, remove_salvage_at
-from cinecut.ingest import (
-    DialogueEvent,
-    MissingInputError,
-    SubtitleError,
-    extract_keyframes,
-    make_proxy,
-    parse_subtitles,
-    plan_film,
-    probe,
-)
+from cinecut.inference.session import Engine, EngineFactory, InferenceSession
+from cinecut.ingest import DialogueEvent, MissingInputError, extract_keyframes, make_proxy, plan_film, probe
 from cinecut.ingest.ffmpeg import require_file
-from cinecut.locks import FileLock, GpuLock, LockBusy, work_dir_lock
+from cinecut.keyframe_files import (
+    MAX_TIMESTAMPS_BYTES,
+    cap_plan,
+    check_keyframes_dir_at,
+    prune_keyframes_at,
+    stored_timestamps_at,
+)
+from cinecut.locks import FileLock, describe_holder, work_dir_lock
 from cinecut.models import KeyframeRecord
-from cinecut.paths import same_film_path
-from cinecut.progress import EventKind, ProgressCallback, ProgressEvent, RateMeter, ignore_progress
+from cinecut.pipeline_errors import (
+    AnalysisStopped,
+    BusyError,
+    FilmChangedError,
+    ModelError,
+    PipelineError,
+    TwinError,
+    WorkDirError,
+)
+from cinecut.polling import Polled, poll_acquire
+from cinecut.progress import EventKind, ProgressCallback, ProgressEvent, ignore_progress
 from cinecut.revalidate import Revalidation, revalidate
-from cinecut.stages import STAGE_BY_NAME, InvalidationReport, downstream, invalidate_at
+from cinecut.run_checkpoint import film_changed_at, reset_after_miss_at, start_checkpoint_at, take_over_at
 from cinecut.stamp import SourceStamp, film_path
 from cinecut.stamps import InputStamps, current_stamps, write_stamps_at
+from cinecut.subtitle_choice import NO_SUBTITLES_WARNING, choose_subtitle, rank_subtitles, read_dialogue
 from cinecut.twins import TwinConflict, twin_owner_at
-from cinecut.workdir import (
-    CKPT_TMP_SUFFIX,
-    KEYFRAME_RE,
-    KEYFRAMES_DIR_NAME,
-    TIMESTAMPS_NAME,
-    WorkDir,
-    keyframe_name,
-    subtitle_sidecars,
-)
+from cinecut.workdir import CKPT_TMP_SUFFIX, TIMESTAMPS_NAME, WorkDir, keyframe_name, subtitle_sidecars
 
-DEFAULT_VIBE: Final = ""
-DEFAULT_N_CTX: Final = 4096
-DEFAULT_MAX_TOKENS: Final = 256
-DEFAULT_MAX_GAP_S: Final = 30.0
-DEFAULT_MIN_SPACING_S: Final = 0.5
-GPU_LOCK_NAME: Final = "gpu.lock"
-SYSTEM_GPU_LOCK_DIR: Final = Path("/run/cinecut")
-MAX_TIMESTAMPS_BYTES: Final = 16 << 20
-_POLL_S: Final = 0.1
-#: Worded as :func:`cinecut.ingest.plan_film` words it, so the two are one warning.
-NO_SUBTITLES_WARNING: Final = "no subtitles: keyframes come from scene changes and intervals only"
-
-# --------------------------------------------------------------------------------------------- errors
-
-
-class PipelineError(Exception):
-    """An analysis that cannot go on; ``exit_code`` is what the CLI exits with."""
-
-    exit_code: int = 1
-
-
-class ModelError(PipelineError):
-    """No model given (on a cache miss), or the model pair cannot be loaded."""
-
-    exit_code = 78  # EX_CONFIG
-
-
-class FilmChangedError(PipelineError):
-    """The film changed while it was analysed: the results were discarded."""
-
-    exit_code = 4
-
-
-class BusyError(PipelineError):
-    """Another pipeline holds the work dir (or the GPU) and the caller chose not to wait."""
-
-    exit_code = 75  # EX_TEMPFAIL
-
-
-class WorkDirError(PipelineError):
-    """The work dir cannot be created or used (permissions, a symlinked work dir)."""
-
-    exit_code = 73  # EX_CANTCREAT
-
-
-class TwinError(PipelineError):
-    """The work dir holds the results of a same-stem twin that still exists (see :mod:`cinecut.twins`)."""
-
-    exit_code = 77  # EX_NOPERM: not this film's to take without --take-over
-
-
-class AnalysisStopped(PipelineError):
-    """``should_stop`` asked to stop: progress is saved in the partial results."""
-
-    exit_code = 3
-
-    def __init__(self, message: str, done: int = 0, total: int = 0) -> None:
-        super().__init__(message)
-        self.done = done
-        self.total = total
-
-
-# ------------------------------------------------------------------------------------- GPU lock path
-
-
-def default_gpu_lock_path(
-    *,
-    system_dir: Path = SYSTEM_GPU_LOCK_DIR,
-    environ: dict[str, str] | None = None,
-    tmp_root: Path = Path("/tmp"),
-) -> Path:
-    """Where the GPU lock lives when none is configured; the daemon and the CLI must agree on it.
-
-    ``/run/cinecut/gpu.lock`` when that directory exists and is writable (the packaged service creates
-    it for the ``cinecut`` group), else ``$XDG_RUNTIME_DIR/cinecut/gpu.lock``, else
-    ``/tmp/cinecut-$UID/gpu.lock``.
-    """
-    system_lock = system_dir / GPU_LOCK_NAME
-    if system_lock.is_file() or (system_dir.is_dir() and os.access(system_dir, os.W_OK | os.X_OK)):
-        # A group member may lock the daemon's existing lock file without write access to the dir.
-        return system_lock
-    env = os.environ if environ is None else environ
-    xdg = env.get("XDG_RUNTIME_DIR", "")
-    if xdg and os.path.isabs(xdg) and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):
-        return Path(xdg) / "cinecut" / GPU_LOCK_NAME
-    return tmp_root / f"cinecut-{os.getuid()}" / GPU_LOCK_NAME
-
-
-def prepare_lock_dir(lock_path: Path) -> None:
-    """Create the GPU lock's directory; refuse one another user controls inside a shared sticky dir.
-
-    In ``/tmp`` anyone can create ``cinecut-$UID`` first; a lock there would let them block or fake
-    our GPU lock, so such a directory must be a real directory owned by us.
-    """
-    d = lock_path.parent
-    parent = d.parent
-    try:
-        pst = os.stat(parent)
-    except OSError as exc:
-        raise WorkDirError(f"GPU lock directory {parent}: {exc.strerror or exc}") from exc
-    shared = bool(pst.st_mode & stat.S_ISVTX) and bool(pst.st_mode & stat.S_IWOTH)
-    try:
-        os.mkdir(d, 0o700 if shared else 0o755)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise WorkDirError(f"cannot create the GPU lock directory {d}: {exc.strerror or exc}") from exc
-    st = os.lstat(d)
-    if not stat.S_ISDIR(st.st_mode) or (shared and st.st_uid != os.getuid()):
-        raise WorkDirError(
-            f"GPU lock directory {d} is not a directory owned by uid {os.getuid()}; "
-            "remove it or pass --gpu-lock"
-        )
-
-
-# ---------------------------------------------------------------------------------------- subtitles
-
-_LANGUAGE_FREE_TAGS: Final = frozenset({"forced", "sdh", "hi", "cc", "default", "full"})
-_ENGLISH: Final = frozenset({"en", "eng", "english", "en-us", "en-gb", "en_us", "en_gb"})
-_EXT_RANK: Final = {".srt": 0, ".ass": 1, ".ssa": 2}
-
-
-def _subtitle_rank(sub: Path, stem: str) -> tuple[int, int, int, int, str]:
-    base, ext = os.path.splitext(sub.name)
-    tags = [t.lower() for t in base[len(stem) :].split(".") if t]
-    langs = [t for t in tags if t not in _LANGUAGE_FREE_TAGS]
-    lang = 0 if not langs else 1 if any(t in _ENGLISH for t in langs) else 2
-    forced = int("forced" in tags)  # forced subtitles hold only the foreign-language lines
-    hearing = int(any(t in ("sdh", "hi", "cc") for t in tags))
-    return (lang, forced, hearing, _EXT_RANK.get(ext.lower(), 3), sub.name)
-
-
-def rank_subtitles(film: Path, sidecars: Sequence[Path]) -> list[Path]:
-    """Sidecars, best first: untagged, then English, then others; full before forced; SRT before ASS."""
-    stem = film.stem
-    return sorted(sidecars, key=lambda s: _subtitle_rank(s, stem))
-
-
-def choose_subtitle(film: str | os.PathLike[str]) -> Path | None:
-    """The subtitle sidecar a run uses when none is given (``<stem>.srt``, ``<stem>.en.srt``, ...)."""
-    f = Path(os.path.abspath(film))  # paired by the name given, as the daemon pairs them
-    ranked = rank_subtitles(f, subtitle_sidecars(f))
-    return ranked[0] if ranked else None
+#: What callers have always imported from here; each lives in the module that owns its idea.
+__all__ = [
+    "DEFAULT_MAX_GAP_S",
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_MIN_SPACING_S",
+    "DEFAULT_N_CTX",
+    "DEFAULT_VIBE",
+    "GPU_LOCK_NAME",
+    "MAX_TIMESTAMPS_BYTES",
+    "NO_SUBTITLES_WARNING",
+    "SYSTEM_GPU_LOCK_DIR",
+    "AnalysisResult",
+    "AnalysisStopped",
+    "AnalyzeOptions",
+    "BusyError",
+    "Engine",
+    "EngineFactory",
+    "FilmChangedError",
+    "ModelError",
+    "PipelineError",
+    "TwinError",
+    "WorkDirError",
+    "analyze",
+    "cap_plan",
+    "choose_subtitle",
+    "default_gpu_lock_path",
+    "prepare_lock_dir",
+    "rank_subtitles",
+]
 
 
 # ------------------------------------------------------------------------------------------- result
@@ -275,175 +165,95 @@ class AnalysisResult:
         }
 
 
-class Engine(Protocol):
-    """What the pipeline needs of a loaded vision model (:class:`cinecut.inference.engine.LlavaEngine`)."""
-
-    def describe(self, image_path: Path) -> SceneDescription | None: ...
-
-    def close(self) -> None: ...
-
-
-EngineFactory = Callable[..., Engine]
-
-
-def _offloads_to_gpu() -> bool:
-    """Whether a loaded model can hold GPU memory (a CPU-only llama.cpp build never does)."""
-    from cinecut.inference.engine import gpu_offload_supported
-
-    return gpu_offload_supported()
-
-
-def _llava_factory(model: Path, mmproj: Path, *, parallel: int = 1, **kwargs: Any) -> Engine:
-    if parallel != 1:
-        from cinecut.inference.parallel import ParallelLlavaEngine
-
-        return ParallelLlavaEngine(model, mmproj, parallel=parallel, **kwargs)
-    from cinecut.inference.engine import LlavaEngine
-
-    return LlavaEngine(model, mmproj, **kwargs)
-
-
-def _prefetch(
-    engine: Engine, records: Sequence[KeyframeRecord], salvaged: Mapping[int, SceneDescription]
-) -> None:
-    """Tell an engine that batches frames which ones it will be asked for next, in order (salvaged
-    frames never reach it); a one-at-a-time engine has no use for it."""
-    prefetch = getattr(engine, "prefetch", None)
-    if prefetch is not None:
-        prefetch([Path(r.frame_path) for r in records if frame_key(r.timestamp_s) not in salvaged])
-
-
 # ---------------------------------------------------------------------------------------- the run
 
 
 def analyze(
     film: str | os.PathLike[str],
+    options: AnalyzeOptions | None = None,
     *,
-    subtitle: str | os.PathLike[str] | None = None,
-    model: str | os.PathLike[str] | None = None,
-    mmproj: str | os.PathLike[str] | None = None,
-    n_gpu_layers: int = -1,
-    n_ctx: int = DEFAULT_N_CTX,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    parallel: int = 1,
-    vibe: str = DEFAULT_VIBE,
-    gpu_lock_path: str | os.PathLike[str] | None = None,
-    interactive: bool = True,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
-    lock_wait: float | None = None,
-    gpu_wait: float | None = None,
-    max_gap: float = DEFAULT_MAX_GAP_S,
-    min_spacing: float = DEFAULT_MIN_SPACING_S,
-    max_keyframes: int | None = None,
     engine_factory: EngineFactory | None = None,
     sync_policy: SyncPolicy | None = None,
-    take_over: bool = False,
     gpu_share: GpuShare | None = None,
+    **overrides: Any,
 ) -> AnalysisResult:
-    """Run stages 1 to 4 for ``film`` and return its SceneDescriptions.
+    """Run stages 1 to 4 for ``film`` as ``options`` say, and return its SceneDescriptions.
 
-    ``subtitle`` defaults to the best sidecar (:func:`choose_subtitle`); without one, keyframes come
-    from scene changes and intervals only (a warning event says so). ``model``/``mmproj`` are needed
-    only on a cache miss. ``lock_wait``/``gpu_wait``: seconds to wait for the work dir / the GPU (None:
-    forever, 0: fail at once with BusyError). ``interactive=False`` is the pre-warm: it yields the GPU
-    to interactive runs between frames. ``should_stop`` is polled between stages and frames; when it
-    returns True the run stops with AnalysisStopped after saving its progress. ``max_gap``,
-    ``min_spacing`` and ``max_keyframes`` shape a new keyframe plan (see
-    :func:`cinecut.ingest.plan_keyframes`). A work dir holding a same-stem twin's results raises
+    ``overrides`` are :class:`AnalyzeOptions` fields replacing those of ``options`` (``analyze(film,
+    model=m, mmproj=p, interactive=False)``); an unknown name is a TypeError, a bad value a ValueError.
+    Without a subtitle option the best sidecar is used (:func:`choose_subtitle`); without one, keyframes
+    come from scene changes and intervals only (a warning event says so). ``should_stop`` is polled
+    between stages and frames and while waiting for a lock; when it returns True the run stops with
+    AnalysisStopped after saving its progress. A work dir holding a same-stem twin's results raises
     TwinError unless ``take_over``, which resets it for this film. ``parallel`` frames are described at
-    once in one batch (:mod:`cinecut.inference.parallel`; 0: as many as the free VRAM holds); results
-    are still written, and resumable, in keyframe order. ``gpu_share`` (the pre-warm): other programs on the
-    GPU it yields to as it yields to an interactive run (:mod:`cinecut.gpu_share`).
+    once in one batch (:mod:`cinecut.inference.parallel`; 0: as many as the free VRAM holds); results are
+    still written, and resumable, in keyframe order. ``gpu_share`` (the pre-warm): other programs on the
+    GPU it yields to as it yields to an interactive run (:mod:`cinecut.gpu_share`). ``engine_factory``
+    builds the engine (default: llama.cpp's), ``sync_policy`` paces the partial results' fsyncs.
 
     The film is resolved with ``realpath``, as upstream resolves it: that spelling is what the checkpoint,
     cache and stamps record, and it places the work dir where upstream looks for it. Subtitle sidecars
     are paired by the name the film was given (beside a symlinked film, not beside its target).
     """
-    if max_keyframes is not None and max_keyframes < 1:
-        raise ValueError("max_keyframes must be at least 1")
-    if not 0 <= parallel <= 64:
-        raise ValueError("parallel must be 0 (chosen from the free memory) to 64")
+    opts = options if options is not None else AnalyzeOptions()
+    if overrides:
+        opts = replace(opts, **overrides)
     named = Path(os.path.abspath(film))
     f = film_path(film)
     require_file(f)
     sub: Path | None = None
-    explicit = subtitle is not None
-    if subtitle is not None:
-        sub = film_path(subtitle)
+    if opts.subtitle is not None:
+        sub = film_path(opts.subtitle)
         require_file(sub)
     wd = WorkDir.for_film(f)
     if not os.path.lexists(wd.path):
         # A first run: say "not a film" (or "no ffmpeg") before a work dir is created beside it.
         probe(f)
+    emit = progress or ignore_progress
+    stop = should_stop or (lambda: False)
+    session = InferenceSession(
+        opts, f, emit=emit, should_stop=stop, engine_factory=engine_factory, gpu_share=gpu_share
+    )
     run = _Run(
         film=f,
         named=named,
-        take_over=take_over,
         wd=wd,
+        options=opts,
         subtitle=sub,
-        explicit_subtitle=explicit,
-        model=Path(model) if model else None,
-        mmproj=Path(mmproj) if mmproj else None,
-        engine_kwargs={"n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers, "max_tokens": max_tokens}
-        | ({"parallel": parallel} if parallel != 1 else {}),
-        keep_model_on_yield=n_gpu_layers == 0,
-        vibe=vibe,
-        gpu_lock_path=Path(gpu_lock_path) if gpu_lock_path else default_gpu_lock_path(),
-        interactive=interactive,
-        emit=progress or ignore_progress,
-        should_stop=should_stop or (lambda: False),
-        lock_wait=lock_wait,
-        gpu_wait=gpu_wait,
-        plan_options=(max_gap, min_spacing, max_keyframes),
-        engine_factory=engine_factory or _llava_factory,
+        session=session,
+        emit=emit,
+        should_stop=stop,
         sync_policy=sync_policy,
-        gpu_share=gpu_share if gpu_share is not None and gpu_share.enabled else None,
     )
     return run.execute()
 
 
-def cap_plan(plan: Sequence[PlanEntry], limit: int | None) -> list[PlanEntry]:
-    """At most ``limit`` entries, spread evenly over the plan (first and last kept)."""
-    if limit is None or len(plan) <= limit:
-        return list(plan)
-    if limit == 1:
-        return [plan[len(plan) // 2]]
-    picks = sorted({round(i * (len(plan) - 1) / (limit - 1)) for i in range(limit)})
-    return [plan[i] for i in picks]
-
-
-def _describe_holder(holder: dict[str, Any] | None) -> str:
-    if not holder:
-        return "another process"
-    purpose = holder.get("purpose") or "a process"
-    pid = holder.get("pid")
-    return f"{purpose} (pid {pid})" if pid else str(purpose)
+def _open_work_dir(wd: WorkDir) -> int:
+    """The work dir, created if need be and opened without following a symlink."""
+    try:
+        ensure_work_dir(wd)
+        return safefs.open_dir(wd.path)
+    except safefs.SymlinkRefused as exc:
+        raise WorkDirError(f"{wd.path} is a symlink; refusing to work through it") from exc
+    except OSError as exc:
+        raise WorkDirError(f"cannot create the work dir {wd.path}: {exc.strerror or exc}") from exc
 
 
 @dataclass(slots=True)
 class _Run:
+    """One analysis of one film: the stages, in order, under the work dir's lock."""
+
     film: Path  # the realpath (upstream's spelling)
     named: Path  # the film as named by the caller: its sidecars are found beside this name
-    take_over: bool
     wd: WorkDir
-    subtitle: Path | None
-    explicit_subtitle: bool
-    model: Path | None
-    mmproj: Path | None
-    engine_kwargs: dict[str, int]
-    keep_model_on_yield: bool
-    vibe: str
-    gpu_lock_path: Path
-    interactive: bool
+    options: AnalyzeOptions
+    subtitle: Path | None  # the user's subtitle (resolved), else the sidecar the run settles on
+    session: InferenceSession
     emit: ProgressCallback
     should_stop: Callable[[], bool]
-    lock_wait: float | None
-    gpu_wait: float | None
-    plan_options: tuple[float, float, int | None]
-    engine_factory: EngineFactory
     sync_policy: SyncPolicy | None
-    gpu_share: GpuShare | None = None
     sidecars: list[Path] = field(default_factory=list)
     stamp: SourceStamp | None = None
     inputs: InputStamps | None = None
@@ -453,8 +263,8 @@ class _Run:
     _cache_checked: bool = False
 
     @property
-    def purpose(self) -> str:
-        return "cinecut analyze" if self.interactive else "prewarm"
+    def explicit_subtitle(self) -> bool:
+        return self.options.subtitle is not None
 
     def execute(self) -> AnalysisResult:
         self.sidecars = subtitle_sidecars(self.named)
@@ -464,15 +274,9 @@ class _Run:
         self.result = AnalysisResult(
             self.film, self.wd.path, self.wd.cache_path, [], cache_hit=False, subtitle=self.subtitle
         )
+        fd = _open_work_dir(self.wd)
         try:
-            ensure_work_dir(self.wd)
-            fd = safefs.open_dir(self.wd.path)
-        except safefs.SymlinkRefused as exc:
-            raise WorkDirError(f"{self.wd.path} is a symlink; refusing to work through it") from exc
-        except OSError as exc:
-            raise WorkDirError(f"cannot create the work dir {self.wd.path}: {exc.strerror or exc}") from exc
-        try:
-            lock = work_dir_lock(self.wd, purpose=self.purpose, dir_fd=fd, announce=True)
+            lock = work_dir_lock(self.wd, purpose=self.options.purpose, dir_fd=fd, announce=True)
             try:
                 self._take_work_dir_lock(lock)
             except safefs.SymlinkRefused as exc:
@@ -482,58 +286,25 @@ class _Run:
             try:
                 return self._locked(fd)
             except FilmChangedError:
-                raise self._discard(fd) from None
+                raise film_changed_at(fd, self.wd, self.film, self.named, self.stamp) from None
             finally:
                 lock.release()
         finally:
             os.close(fd)
 
-    # -- locks ------------------------------------------------------------------------------------
-
     def _take_work_dir_lock(self, lock: FileLock) -> None:
+        """Wait for a pipeline that holds the work dir (``lock_wait``), saying who it is."""
         if lock.try_acquire():
             return
-        who = _describe_holder(lock.holder())
-        if self.lock_wait == 0:
+        who = describe_holder(lock.holder())
+        if self.options.lock_wait == 0:
             raise BusyError(f"{self.wd.path} is locked by {who}")
         self.emit(ProgressEvent(EventKind.WAITING_LOCK, message=who, path=str(self.wd.path)))
-        deadline = None if self.lock_wait is None else time.monotonic() + self.lock_wait
-        while not lock.try_acquire():
-            if self.should_stop():
-                raise AnalysisStopped("stopped while waiting for the work dir")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise BusyError(f"{self.wd.path} is still locked by {_describe_holder(lock.holder())}")
-            time.sleep(_POLL_S)
-
-    def _acquire_gpu(self, gpu: GpuLock) -> None:
-        prepare_lock_dir(self.gpu_lock_path)
-        if self.interactive:
-            probe = FileLock(self.gpu_lock_path, purpose="probe")
-            if probe.try_acquire():
-                probe.release()
-            else:
-                self.emit(ProgressEvent(EventKind.WAITING_GPU, message=_describe_holder(gpu.holder())))
-            try:
-                gpu.acquire(self.gpu_wait)
-            except LockBusy as exc:
-                raise BusyError(
-                    f"the GPU ({self.gpu_lock_path}) is held by {_describe_holder(exc.holder)}"
-                ) from exc
-            return
-        waiting = False
-        share = self.gpu_share
-        # Before the first frame, too: other programs on the GPU (a transcode) are waited out, as a holder is.
-        while not ((share is None or share.quiet()) and gpu.try_acquire()):
-            if self.should_stop():
-                raise AnalysisStopped("stopped while waiting for the GPU")
-            if not waiting:
-                waiting = True
-                other = share.last if share is not None and not share.quiet() else None
-                self.emit(ProgressEvent(EventKind.WAITING_GPU, message=other.who if other else
-                                        _describe_holder(gpu.holder()), reason=other.reason if other else None))
-            time.sleep(_POLL_S)
-        if waiting:
-            self.emit(ProgressEvent(EventKind.RESUMED))
+        polled = poll_acquire(lock.try_acquire, timeout=self.options.lock_wait, should_stop=self.should_stop)
+        if polled is Polled.STOPPED:
+            raise AnalysisStopped("stopped while waiting for the work dir")
+        if polled is Polled.TIMED_OUT:
+            raise BusyError(f"{self.wd.path} is still locked by {describe_holder(lock.holder())}")
 
     # -- the locked part --------------------------------------------------------------------------
 
@@ -542,9 +313,9 @@ class _Run:
         self._claim(fd)
         rv = revalidate(self.film, self.sidecars, locked_fd=fd)
         self._after_revalidation(rv)
-        ckpt = self._checkpoint(fd)
+        ckpt = start_checkpoint_at(fd, self.wd, self.film, self.options.vibe)
         if self._needs_model(fd):
-            self._check_model_args()
+            self.session.check_model()
         self._stage_proxy(fd, ckpt)
         self._stage_subtitles(fd, ckpt)
         records = self._stage_keyframes(fd, ckpt)
@@ -570,42 +341,12 @@ class _Run:
         owner = twin_owner_at(fd, self.wd)
         if owner is None:
             return
-        if not self.take_over:
+        if not self.options.take_over:
             raise TwinError(str(TwinConflict(str(self.named), owner, str(self.wd.path))))
-        why = f"work dir taken over from {owner}"
-        report = InvalidationReport(str(self.wd.path), ["video"], why)
-        invalidate_at(fd, self.wd, downstream(["video"]), report)
-        remove_partial_at(fd, self.wd.partial_name)
-        save_checkpoint_at(PipelineCheckpoint(source_file=str(self.film), vibe=self.vibe), fd)
+        report = take_over_at(fd, self.wd, self.film, self.options.vibe, owner)
         assert self.result is not None
         self.result.invalidated = list(report.stages_reset)
-        self.emit(ProgressEvent(EventKind.INVALIDATED, message=why))
-
-    def _checkpoint(self, fd: int) -> PipelineCheckpoint:
-        """The film's checkpoint; a missing, unreadable or foreign one starts fresh, as upstream does.
-
-        Starting fresh also removes the proxy and keyframes left beside it: their origin is unknown
-        (another film with the same stem, a crashed writer), and extraction keeps JPEGs it finds. A
-        checkpoint naming this film in another spelling (a symlinked folder, an older abspath record) is
-        this film's: it is kept, and its paths are rewritten in upstream's spelling so upstream keeps it.
-        """
-        read = read_checkpoint_at(fd)
-        old = read.checkpoint
-        if old is not None and same_film_path(old.source_file, self.film):
-            if old.source_file != str(self.film):
-                if same_film_path(old.proxy_path, self.wd.proxy_path):
-                    old.proxy_path = str(self.wd.proxy_path)
-                old.source_file = str(self.film)
-                save_checkpoint_at(old, fd)
-            return old
-        report = InvalidationReport(str(self.wd.path), ["video"], "fresh checkpoint")
-        invalidate_at(fd, self.wd, [STAGE_BY_NAME["proxy"], STAGE_BY_NAME["keyframes"]], report)
-        ckpt = PipelineCheckpoint(source_file=str(self.film), vibe=self.vibe)
-        save_checkpoint_at(ckpt, fd)
-        return ckpt
-
-    def _save(self, ckpt: PipelineCheckpoint, fd: int) -> None:
-        save_checkpoint_at(ckpt, fd)
+        self.emit(ProgressEvent(EventKind.INVALIDATED, message=report.reason))
 
     def _stop_point(self) -> None:
         if self.should_stop():
@@ -631,7 +372,7 @@ class _Run:
         ckpt.proxy_path = str(self.wd.proxy_path)
         ckpt.proxy_duration_s = duration
         ckpt.mark_complete("proxy")
-        self._save(ckpt, fd)
+        save_checkpoint_at(ckpt, fd)
         self._ran("proxy")
 
     def _ran(self, stage: str) -> None:
@@ -644,31 +385,18 @@ class _Run:
 
     def _dialogue(self) -> list[DialogueEvent]:
         """Dialogue of the chosen subtitle; an unreadable sidecar we picked ourselves yields to the next."""
-        if self._events is not None:
-            return self._events
-        assert self.result is not None
-        candidates = (
-            [self.subtitle]
-            if self.explicit_subtitle and self.subtitle
-            else rank_subtitles(self.named, self.sidecars)
-        )
-        events: list[DialogueEvent] = []
-        self.subtitle = None
-        for cand in candidates:
-            try:
-                events = parse_subtitles(cand)
-            except SubtitleError as exc:
-                if self.explicit_subtitle:
-                    raise
-                self._warn(f"skipping subtitle {cand.name}: {exc}")
-                continue
-            self.subtitle = cand
-            break
-        if self.subtitle is None:
-            self._warn(NO_SUBTITLES_WARNING)
-        self.result.subtitle = self.subtitle
-        self._events = events
-        return events
+        if self._events is None:
+            assert self.result is not None
+            candidates = (
+                [self.subtitle]
+                if self.explicit_subtitle and self.subtitle
+                else rank_subtitles(self.named, self.sidecars)
+            )
+            self.subtitle, self._events = read_dialogue(
+                candidates, explicit=self.explicit_subtitle, warn=self._warn
+            )
+            self.result.subtitle = self.subtitle
+        return self._events
 
     def _warn(self, message: str) -> None:
         assert self.result is not None
@@ -688,7 +416,7 @@ class _Run:
         events = self._dialogue()
         ckpt.dialogue_event_count = len(events)
         ckpt.mark_complete("subtitles")
-        self._save(ckpt, fd)
+        save_checkpoint_at(ckpt, fd)
         self.result.dialogue_event_count = len(events)
         self._ran("subtitles")
 
@@ -717,17 +445,6 @@ class _Run:
             return list(partial.header.plan)
         return None
 
-    def _stored_timestamps(self, fd: int) -> list[float] | None:
-        try:
-            data = json.loads(safefs.read_bounded(fd, TIMESTAMPS_NAME, MAX_TIMESTAMPS_BYTES))
-        except (OSError, ValueError, RecursionError):
-            return None
-        if not isinstance(data, list) or not all(
-            isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) for t in data
-        ):
-            return None
-        return [float(t) for t in data]
-
     def _needs_model(self, fd: int) -> bool:
         """True unless a valid cache or complete partial results make inference unnecessary."""
         state, _ = cache_state(self.film, self.wd, stamp=self.stamp)
@@ -738,17 +455,12 @@ class _Run:
             partial is not None and partial.header.matches(self.stamp) and partial.done == partial.total
         )
 
-    def _check_keyframes_dir(self, fd: int) -> None:
-        st = safefs.lstat_in(fd, KEYFRAMES_DIR_NAME)
-        if st is not None and not stat.S_ISDIR(st.st_mode):
-            raise WorkDirError(f"{self.wd.keyframes_dir} is not a directory (a symlink?); refusing to use it")
-
     def _stage_keyframes(self, fd: int, ckpt: PipelineCheckpoint) -> list[KeyframeRecord]:
         assert ckpt.proxy_duration_s is not None
-        self._check_keyframes_dir(fd)
+        check_keyframes_dir_at(fd, self.wd)
         known = self._known_plan(fd)
         if ckpt.is_complete("keyframes") and known is not None:
-            stored = self._stored_timestamps(fd)
+            stored = stored_timestamps_at(fd)
             if stored == [t for t, _ in known] and ckpt.keyframe_count == len(known):
                 # Extraction only fills in JPEGs that are missing or cut short: normally no ffmpeg at all.
                 records = extract_keyframes(self.wd.proxy_path, known, self.wd.keyframes_dir)
@@ -759,20 +471,19 @@ class _Run:
         if known is not None:
             plan = known
         else:
-            max_gap, min_spacing, limit = self.plan_options
             self._dialogue()  # settles which subtitle is used (an unreadable sidecar we picked is skipped)
             fp = plan_film(
                 self.wd.proxy_path,
                 self.subtitle,
                 duration_s=ckpt.proxy_duration_s,
-                max_gap=max_gap,
-                min_spacing=min_spacing,
+                max_gap=self.options.max_gap,
+                min_spacing=self.options.min_spacing,
             )
             for message in fp.warnings:
                 self._warn(message)
-            plan = cap_plan(fp.plan, limit)
+            plan = cap_plan(fp.plan, self.options.max_keyframes)
         records = extract_keyframes(self.wd.proxy_path, plan, self.wd.keyframes_dir)
-        self._prune_keyframes(fd, {keyframe_name(r.timestamp_s) for r in records})
+        prune_keyframes_at(fd, {keyframe_name(r.timestamp_s) for r in records})
         data = json.dumps([r.timestamp_s for r in records]).encode()
         safefs.atomic_write(fd, TIMESTAMPS_NAME, data, tmp_suffix=CKPT_TMP_SUFFIX)
         if self._valid_cache() is None:
@@ -789,7 +500,7 @@ class _Run:
         self._check_film()
         ckpt.keyframe_count = len(records)
         ckpt.mark_complete("keyframes")
-        self._save(ckpt, fd)
+        save_checkpoint_at(ckpt, fd)
         self._ran("keyframes")
         return records
 
@@ -797,42 +508,7 @@ class _Run:
         assert self.stamp is not None
         return self.stamp
 
-    def _prune_keyframes(self, fd: int, keep: set[str]) -> None:
-        """Remove JPEGs of an older plan, so ``keyframes/`` holds exactly the plan's frames."""
-        kfd = safefs.open_subdir(fd, KEYFRAMES_DIR_NAME)
-        try:
-            for entry in os.scandir(kfd):
-                if KEYFRAME_RE.match(entry.name) and entry.name not in keep:
-                    try:
-                        safefs.unlink_regular(kfd, entry.name)
-                    except OSError:
-                        pass  # a symlink or a race: not ours to touch, and harmless
-        finally:
-            os.close(kfd)
-
     # -- stage 4: inference -----------------------------------------------------------------------
-
-    def _check_model_args(self) -> None:
-        if self.model is None or self.mmproj is None:
-            raise ModelError(
-                "no valid SceneDescription cache, so LLaVA inference must run: give --model and --mmproj "
-                "(or set CINECUT_MODEL and CINECUT_MMPROJ)"
-            )
-        for role, path in (("model", self.model), ("mmproj", self.mmproj)):
-            if not path.is_file():
-                raise ModelError(f"{role} {path}: no such file")
-
-    def _load_engine(self) -> Engine:
-        from cinecut.inference.engine import EngineLoadError
-
-        assert self.model is not None and self.mmproj is not None
-        self.emit(ProgressEvent(EventKind.MODEL_LOADING, path=str(self.model)))
-        try:
-            engine = self.engine_factory(self.model, self.mmproj, **self.engine_kwargs)
-        except EngineLoadError as exc:
-            raise ModelError(str(exc)) from exc
-        self.emit(ProgressEvent(EventKind.MODEL_LOADED, path=str(self.model)))
-        return engine
 
     def _stage_inference(self, fd: int, ckpt: PipelineCheckpoint, records: list[KeyframeRecord]) -> None:
         assert self.result is not None
@@ -842,7 +518,7 @@ class _Run:
         if cached is not None:
             if (ckpt.inference_complete, ckpt.cache_hit) != (True, True):
                 ckpt.inference_complete, ckpt.cache_hit = True, True
-                self._save(ckpt, fd)
+                save_checkpoint_at(ckpt, fd)
             remove_partial_at(fd, self.wd.partial_name)
             remove_salvage_at(fd)
             self.result.results, self.result.cache_hit = cached, True
@@ -853,7 +529,7 @@ class _Run:
             )
             self.emit(ProgressEvent(EventKind.STAGE_DONE, stage="inference", skipped=True))
             return
-        self._reset_after_inference(fd, ckpt)
+        reset_after_miss_at(fd, self.wd, ckpt)
         writer, done = open_partial(
             fd,
             self.wd.partial_name,
@@ -868,16 +544,16 @@ class _Run:
         salvaged = self._salvaged(fd, records)
         try:
             if any(frame_key(r.timestamp_s) not in salvaged for r in records[len(results) :]):
-                self._check_model_args()
+                self.session.check_model()
             if len(results) < len(records):
-                self._infer(writer, records, results, salvaged)
+                self.session.describe_frames(writer, records, results, salvaged, self._after_frame)
         finally:
             writer.close()
         faults.point("prewarm.before_cache_save")
         self._check_film()  # after the last frame: results of a film that changed are never saved
         save_cache(results, self.film, self.wd, stamp=self._stamp())
         ckpt.inference_complete, ckpt.cache_hit = True, False
-        self._save(ckpt, fd)
+        save_checkpoint_at(ckpt, fd)
         remove_partial_at(fd, self.wd.partial_name)
         remove_salvage_at(fd)  # everything it held for this plan is in the cache now
         self.result.results = results
@@ -887,6 +563,11 @@ class _Run:
             )
         )
         self._ran("inference")
+
+    def _after_frame(self) -> None:
+        assert self.result is not None
+        self.result.frames_computed = self.session.meter.frames
+        self._check_film()  # a film that changes mid-run is noticed at the next frame boundary
 
     def _salvaged(self, fd: int, records: list[KeyframeRecord]) -> dict[int, SceneDescription]:
         """Descriptions kept from before a subtitle change, for the frames of this plan, by frame key.
@@ -910,150 +591,6 @@ class _Run:
             )
         )
         return salvaged
-
-    def _reset_after_inference(self, fd: int, ckpt: PipelineCheckpoint) -> None:
-        """A miss: whatever was built on earlier descriptions is stale, so reset it through the stage graph.
-
-        Upstream's own miss path resets only ``narrative`` and ``assembly``; ``music`` depends on them too.
-        """
-        stale = downstream(["inference"])
-        if (
-            ckpt.inference_complete is None
-            and ckpt.cache_hit is None
-            and not any(
-                ckpt.is_complete(st.name) or any(getattr(ckpt, f) is not None for f in st.fields)
-                for st in stale
-            )
-        ):
-            return
-        report = InvalidationReport(str(self.wd.path), ["inference"], "no valid SceneDescription cache")
-        invalidate_at(fd, self.wd, stale, report)
-        fresh = read_checkpoint_at(fd).checkpoint
-        if fresh is not None:
-            for name in CHECKPOINT_KEYS:
-                setattr(ckpt, name, getattr(fresh, name))
-        ckpt.inference_complete = ckpt.cache_hit = None
-        self._save(ckpt, fd)
-
-    def _discard(self, fd: int) -> FilmChangedError:
-        """The film changed under us: reset its stages through the stage graph and say so."""
-        now = SourceStamp.maybe(self.film)
-        rv = revalidate(self.film, subtitle_sidecars(self.named), locked_fd=fd)
-        if now is None:
-            remove_partial_at(fd, self.wd.partial_name)
-            why = "was removed"
-        else:
-            was = self._stamp()
-            why = f"is now {now.size} bytes, mtime {now.mtime} (was {was.size} bytes, mtime {was.mtime})"
-        reset = (
-            f" (reset: {', '.join(rv.report.stages_reset)})" if rv.report and rv.report.stages_reset else ""
-        )
-        return FilmChangedError(f"{self.film} changed during analysis and {why}: results discarded{reset}")
-
-    def _infer(
-        self,
-        writer: PartialWriter,
-        records: list[KeyframeRecord],
-        results: list[Result],
-        salvaged: Mapping[int, SceneDescription] | None = None,
-    ) -> None:
-        """Describe the frames after ``results``, in plan order; salvaged frames never reach the model.
-
-        The GPU is taken and the model loaded at the first frame that needs them, so a plan that the
-        salvage store covers entirely never loads the model.
-        """
-        salvaged = salvaged or {}
-        gpu = GpuLock(
-            self.gpu_lock_path, purpose=f"{self.purpose} {self.film.name}", interactive=self.interactive
-        )
-        meter = RateMeter()
-        total = len(records)
-        to_compute = sum(1 for r in records[len(results) :] if frame_key(r.timestamp_s) not in salvaged)
-        engine: Engine | None = None
-        try:
-            for rec in records[len(results) :]:
-                if self.should_stop():
-                    writer.sync()
-                    raise AnalysisStopped(
-                        f"stopped after {len(results)} of {total} frames", len(results), total
-                    )
-                desc = salvaged.get(frame_key(rec.timestamp_s))
-                if desc is None:
-                    if engine is None:
-                        self._acquire_gpu(gpu)
-                        engine = self._load_engine()
-                        _prefetch(engine, records[len(results) :], salvaged)
-                        meter.start()
-                    other = self.gpu_share.busy() if self.gpu_share is not None else None
-                    if other is not None or gpu.should_yield():
-                        engine = self._yield_gpu(gpu, writer, engine, meter, len(results), total, other)
-                        _prefetch(engine, records[len(results) :], salvaged)
-                    desc = engine.describe(Path(rec.frame_path))
-                    meter.tick()
-                    to_compute -= 1
-                writer.append(rec, desc)
-                results.append((rec, desc))
-                faults.point("prewarm.after_frame")
-                assert self.result is not None
-                self.result.frames_computed = meter.frames
-                self.emit(
-                    ProgressEvent(
-                        EventKind.FRAME,
-                        stage="inference",
-                        done=len(results),
-                        total=total,
-                        computed=meter.frames,
-                        fps=meter.fps,
-                        eta_s=meter.eta(to_compute),
-                    )
-                )
-                self._check_film()
-        finally:
-            if engine is not None:
-                engine.close()
-            gpu.release()
-
-    def _yield_gpu(
-        self,
-        gpu: GpuLock,
-        writer: PartialWriter,
-        engine: Engine | None,
-        meter: RateMeter,
-        done: int,
-        total: int,
-        other: Busy | None = None,
-    ) -> Engine:
-        """Hand the GPU to an interactive run (or to ``other``, a program on the GPU) and take it back when
-        it is done; returns a usable engine.
-
-        An interactive run needs the model's VRAM at once; another program may only need the video engine
-        or a moment, so the model stays loaded until the pause has lasted ``unload_after_s`` (or an
-        interactive run asks meanwhile). Resuming waits for the GPU lock and, with a share policy, for the
-        GPU to have been free of other users for its quiet period.
-        """
-        writer.sync()
-        meter.pause()
-        share = self.gpu_share
-        unloads = engine is not None and not self.keep_model_on_yield and _offloads_to_gpu()
-        if engine is not None and unloads and other is None:
-            engine.close()  # its VRAM is what the interactive run needs
-            engine = None
-        gpu.release()
-        self.emit(ProgressEvent(EventKind.YIELDED, done=done, total=total, message=other.who if other else "",
-                                reason=other.reason if other else "interactive"))
-        since = time.monotonic()
-        while not ((share is None or share.quiet()) and gpu.try_acquire()):
-            if self.should_stop():
-                raise AnalysisStopped(f"stopped after {done} of {total} frames (GPU yielded)", done, total)
-            if engine is not None and unloads and share is not None and (
-                time.monotonic() - since >= share.config.unload_after_s or gpu.someone_waiting()
-            ):
-                engine.close()  # a long pause, or an interactive run wants the GPU: free the VRAM
-                engine = None
-            time.sleep(_POLL_S)
-        self.emit(ProgressEvent(EventKind.RESUMED, done=done, total=total))
-        meter.start()
-        return engine if engine is not None else self._load_engine()
 
     # -- commit -----------------------------------------------------------------------------------
 

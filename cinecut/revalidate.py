@@ -326,6 +326,9 @@ class Probe:
     stamps: InputStamps | None = None
     verification: Verification | None = None
     recorded: bool = True  # our sidecar is there (False: the caller may keep ``stamps`` as a baseline)
+    #: The decision read nothing but the film, its listed subtitles and its work dir's files (no search of
+    #: the folder for a subtitle under another name): the same files, unchanged, give the same decision.
+    self_contained: bool = True
 
 
 def probe(
@@ -356,7 +359,9 @@ def probe(
             meta = _cache_metadata_at(fd, wd.cache_name)
             a = assess(fd, wd, current, recorded, meta, None, gather=False, baseline=baseline)
             needs = bool(a.changed) or a.needs_evidence or _to_record(a, recorded, current) is not None
-            return Probe(True, needs, meta, current, a.verification, recorded is not None)
+            witness = recorded if recorded is not None else baseline
+            alone = witness is None or witness.subtitles == current.subtitles
+            return Probe(True, needs, meta, current, a.verification, recorded is not None, alone)
     except FileNotFoundError:
         return Probe(False, False, verification=Verification.NOTHING)
     except OSError:

@@ -45,6 +45,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, TextIO
 
+from cinecut.analyze_options import AnalyzeOptions
 from cinecut.gpu_share import YIELD_REASONS, GpuShare, ShareConfig, make_probe
 from cinecut.ingest import IngestError
 from cinecut.pipeline import (
@@ -183,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def analyze_options(args: argparse.Namespace) -> AnalyzeOptions:
+    """What a pre-warm asks for: the options ``cinecut analyze`` reads from the same arguments, run
+    non-interactively (it yields the GPU between frames) and waiting as long as the locks are held."""
+    return AnalyzeOptions.from_args(args, interactive=False)
+
+
 def gpu_share_from_args(args: argparse.Namespace) -> GpuShare | None:
     """The sharing policy the daemon configured, on the real NVML probe (None: yield to nobody, or no GPU
     is used at all)."""
@@ -219,22 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     share = gpu_share_from_args(args)
     try:
         result = analyze(
-            args.film,
-            subtitle=args.subtitle,
-            model=args.model,
-            mmproj=args.mmproj,
-            n_gpu_layers=args.n_gpu_layers,
-            n_ctx=args.n_ctx,
-            max_tokens=args.max_tokens,
-            parallel=args.parallel,
-            vibe=args.vibe,
-            gpu_lock_path=args.gpu_lock,
-            interactive=False,
-            progress=reporter,
-            should_stop=stop.is_set,
-            max_gap=args.max_gap,
-            max_keyframes=args.max_keyframes,
-            gpu_share=share,
+            args.film, analyze_options(args), progress=reporter, should_stop=stop.is_set, gpu_share=share
         )
     except (AnalysisStopped, _StopNow):
         reporter.flush_progress()

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon_harness import wait_for
+from tests.harness.waiting import wait_for
 
 BIN = Path(sys.executable).parent
 

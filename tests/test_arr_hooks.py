@@ -21,22 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_harness import (
-    Daemon,
-    DaemonRunner,
-    Library,
-    daemon_command,
-    make_film_with_work_dir,
-    mv_over_from_partial,
-    new_content,
-    replace_in_place,
-    stays,
-    video_invalidated,
-    wait_for,
-    warm,
-)
 
 from cinecut.workdir import WorkDir
+from tests.harness.checks import video_invalidated, warm
+from tests.harness.films import make_film_with_work_dir
+from tests.harness.mutate import mv_over_from_partial, new_content, replace_in_place
+from tests.harness.runner import Daemon, DaemonRunner, Library, daemon_command
+from tests.harness.waiting import stays, wait_for
 
 TOKEN = "s3cret-token-0123456789abcdef"
 POLL_S = 60.0  # far longer than any wait below: what is caught in seconds was caught by the hint
@@ -554,9 +545,8 @@ def test_silent_and_trickling_clients_cannot_hold_the_webhook(runner: DaemonRunn
 
 
 def test_a_big_hint_is_applied_in_turns_and_a_big_folder_becomes_a_rescan(runner: DaemonRunner) -> None:
-    from daemon_harness import make_film
-
     from cinecutd.hints import FOLDER_RESCAN_FILMS, PATHS_PER_TURN
+    from tests.harness.films import make_film
 
     lib = runner.library("films")
     film = make_film_with_work_dir(lib / "Heat (1995)")

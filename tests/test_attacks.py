@@ -23,18 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    DaemonRunner,
-    Film,
-    Library,
-    make_film_with_work_dir,
-    replace_in_place,
-    video_invalidated,
-    wait_for,
-)
 
 from cinecut import safefs
 from cinecut.workdir import LOCK_NAME, STAMPS_NAME
+from tests.harness.checks import video_invalidated
+from tests.harness.films import Film, make_film_with_work_dir
+from tests.harness.mutate import replace_in_place
+from tests.harness.runner import DaemonRunner, Library
+from tests.harness.waiting import wait_for
 
 
 @pytest.fixture

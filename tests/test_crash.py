@@ -29,30 +29,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    SRT,
-    Daemon,
-    DaemonRunner,
-    Film,
-    Library,
-    changed_files,
-    make_film_with_work_dir,
-    new_content,
-    no_stale_results,
-    sacred_files,
-    snapshot,
-    subtitles_invalidated,
-    video_invalidated,
-    wait_for,
-    warm,
-    work_state,
-)
 
 from cinecut import safefs
 from cinecut.checkpoint import PipelineCheckpoint, read_checkpoint, save_checkpoint
 from cinecut.inference.cache import read_cache_metadata, save_cache
 from cinecut.inference.models import SceneDescription
 from cinecut.models import KeyframeRecord
+from tests.harness.checks import (
+    changed_files,
+    no_stale_results,
+    sacred_files,
+    snapshot,
+    subtitles_invalidated,
+    video_invalidated,
+    warm,
+    work_state,
+)
+from tests.harness.films import SRT, Film, make_film_with_work_dir
+from tests.harness.mutate import new_content
+from tests.harness.runner import Daemon, DaemonRunner, Library
+from tests.harness.waiting import wait_for
 
 INVALIDATION_POINTS = (
     "invalidate.before_checkpoint",
@@ -269,7 +265,7 @@ def test_our_temp_files_are_swept_at_startup_and_upstreams_are_not(runner: Daemo
         p.write_bytes(b"half-written")
     outside = lib / "Idle" / "tmp222222222222.ckpt.tmp"  # not in a work dir: not ours to judge
     outside.write_bytes(b"someone else's")
-    from daemon_harness import lock_held
+    from tests.harness.films import lock_held
 
     with lock_held(busy.wd.path):
         d = runner.start([Library(lib)])

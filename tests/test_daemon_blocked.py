@@ -16,19 +16,12 @@ from pathlib import Path
 
 import pytest
 import upstream_reader
-from daemon_harness import (
-    DaemonRunner,
-    Library,
-    daemon_command,
-    make_film,
-    make_film_with_work_dir,
-    render_config,
-    unprivileged_problem,
-    wait_for,
-)
 from upstream_user import OTHER_GID, OTHER_UID, chown_tree, run_as, upstream_resume_reuses
 
 from cinecut.workdir import CHECKPOINT_NAME
+from tests.harness.films import make_film, make_film_with_work_dir
+from tests.harness.runner import DaemonRunner, Library, daemon_command, render_config, unprivileged_problem
+from tests.harness.waiting import wait_for
 
 ROOT = os.geteuid() == 0
 

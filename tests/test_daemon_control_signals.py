@@ -18,18 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    DaemonRunner,
-    Library,
-    daemon_command,
-    make_film_with_work_dir,
-    raw_exchange,
-    render_config,
-    replace_in_place,
-    slow_copy,
-    video_invalidated,
-    wait_for,
-)
+
+from tests.harness.checks import video_invalidated
+from tests.harness.films import make_film_with_work_dir
+from tests.harness.mutate import replace_in_place, slow_copy
+from tests.harness.runner import DaemonRunner, Library, daemon_command, raw_exchange, render_config
+from tests.harness.waiting import wait_for
 
 
 @pytest.fixture

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import upstream_reader as up
-from daemon_harness import DaemonRunner, Library, daemon_command, stays, wait_for, work_state
 from test_core_evidence import media, rsync_over, upstream_left  # noqa: F401 - media is a fixture
 
 from cinecut.stamp import SourceStamp
 from cinecut.stamps import read_stamps
 from cinecut.workdir import WorkDir
+from tests.harness.checks import work_state
+from tests.harness.runner import DaemonRunner, Library, daemon_command
+from tests.harness.waiting import stays, wait_for
 
 OLD = 1_500_000_000.5
 

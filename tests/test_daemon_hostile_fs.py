@@ -12,26 +12,19 @@ from pathlib import Path
 
 import pytest
 import upstream_reader
-from daemon_harness import (
-    DaemonRunner,
-    Film,
-    Library,
-    build_work_dir,
-    chown_tree,
+
+from tests.harness.checks import (
     invalidations_of,
-    make_film,
-    make_film_with_work_dir,
     no_stale_results,
-    render_config,
-    replace_in_place,
     snapshot,
-    stays,
-    unprivileged_problem,
     video_invalidated,
-    wait_for,
     warm,
     work_state,
 )
+from tests.harness.films import Film, build_work_dir, make_film, make_film_with_work_dir
+from tests.harness.mutate import replace_in_place
+from tests.harness.runner import DaemonRunner, Library, chown_tree, render_config, unprivileged_problem
+from tests.harness.waiting import stays, wait_for
 
 MODES = ["inotify", "poll"]
 ROOT_RETRY_WAIT_S = 15.0  # the daemon re-checks missing roots every 5 s

@@ -16,19 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    REPO,
-    DaemonRunner,
-    Library,
-    daemon_command,
-    make_film_with_work_dir,
-    new_content,
-    replace_in_place,
-    wait_for,
-    warm,
-)
 
 from cinecutd.instance import EX_ALREADY_RUNNING
+from tests.harness.checks import warm
+from tests.harness.films import make_film_with_work_dir
+from tests.harness.mutate import new_content, replace_in_place
+from tests.harness.runner import REPO, DaemonRunner, Library, daemon_command
+from tests.harness.waiting import wait_for
 
 
 @pytest.fixture

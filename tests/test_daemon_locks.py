@@ -11,18 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    DaemonRunner,
-    Library,
-    lock_held,
-    make_film_with_work_dir,
-    replace_in_place,
-    stays,
-    video_invalidated,
-    wait_for,
-    warm,
-    work_state,
-)
+
+from tests.harness.checks import video_invalidated, warm, work_state
+from tests.harness.films import lock_held, make_film_with_work_dir
+from tests.harness.mutate import replace_in_place
+from tests.harness.runner import DaemonRunner, Library
+from tests.harness.waiting import stays, wait_for
 
 MODES = ["inotify", "poll"]
 

@@ -18,20 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    DaemonRunner,
-    Film,
-    Library,
-    build_work_dir,
-    make_film,
-    wait_for,
-    warm,
-    work_state,
-)
 
 from cinecut import safefs
 from cinecut.locks import work_dir_lock
 from cinecut.stamps import current_stamps, write_stamps_at
+from tests.harness.checks import warm, work_state
+from tests.harness.films import Film, build_work_dir, make_film
+from tests.harness.runner import DaemonRunner, Library
+from tests.harness.waiting import wait_for
 
 #: How long the pipeline goes on holding the lock after the rename: none (it commits before the daemon
 #: sees the rename), a little, and long enough that the daemon surely handles the rename while it runs.

@@ -16,23 +16,12 @@ from pathlib import Path
 
 import pytest
 import upstream_reader
-from daemon_harness import (
-    ALL_STAGES,
-    KEPT_IN_WORK_DIR,
-    DaemonRunner,
-    Film,
-    Library,
-    daemon_command,
-    make_film_with_work_dir,
-    snapshot,
-    stamps_current,
-    stays,
-    wait_for,
-    warm,
-    work_state,
-)
 
 from cinecut.inference.cache import read_cache_file
+from tests.harness.checks import snapshot, stamps_current, warm, work_state
+from tests.harness.films import ALL_STAGES, KEPT_IN_WORK_DIR, Film, make_film_with_work_dir
+from tests.harness.runner import DaemonRunner, Library, daemon_command
+from tests.harness.waiting import stays, wait_for
 
 MODES = ["inotify", "poll"]
 

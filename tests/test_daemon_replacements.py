@@ -13,24 +13,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    REPLACEMENTS,
-    SRT,
-    DaemonRunner,
-    Film,
-    Library,
+
+from tests.harness.checks import (
     changed_files,
     invalidations_of,
-    make_film_with_work_dir,
     no_stale_results,
     sacred_files,
     snapshot,
-    stays,
     subtitles_invalidated,
     video_invalidated,
-    wait_for,
     warm,
 )
+from tests.harness.films import SRT, Film, make_film_with_work_dir
+from tests.harness.mutate import REPLACEMENTS
+from tests.harness.runner import DaemonRunner, Library
+from tests.harness.waiting import stays, wait_for
 
 SETTLE = 0.2
 MODES = ["inotify", "poll"]

@@ -7,18 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    DaemonRunner,
-    Film,
-    Library,
-    invalidations_of,
-    make_film_with_work_dir,
-    slow_copy,
-    stamps_current,
-    stays,
-    video_invalidated,
-    wait_for,
-)
+
+from tests.harness.checks import invalidations_of, stamps_current, video_invalidated
+from tests.harness.films import Film, make_film_with_work_dir
+from tests.harness.mutate import slow_copy
+from tests.harness.runner import DaemonRunner, Library
+from tests.harness.waiting import stays, wait_for
 
 SETTLE = 0.4
 SIZE = 50 << 20  # 800 writes of 64 KiB

@@ -18,18 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    DaemonRunner,
-    Film,
-    Library,
-    lock_held,
-    make_film_with_work_dir,
-    stays,
-    wait_for,
-    warm,
-)
 
 from cinecut.workdir import TRAILER_MANIFEST_NAME, is_work_dir_name
+from tests.harness.checks import warm
+from tests.harness.films import Film, lock_held, make_film_with_work_dir
+from tests.harness.runner import DaemonRunner, Library
+from tests.harness.waiting import stays, wait_for
 
 
 @pytest.fixture

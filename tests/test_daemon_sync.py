@@ -13,16 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    DaemonRunner,
-    Library,
-    daemon_command,
-    make_film_with_work_dir,
-    replace_in_place,
-    video_invalidated,
-)
 
 from cinecutd.client import DaemonError
+from tests.harness.checks import video_invalidated
+from tests.harness.films import make_film_with_work_dir
+from tests.harness.mutate import replace_in_place
+from tests.harness.runner import DaemonRunner, Library, daemon_command
 
 
 @pytest.fixture

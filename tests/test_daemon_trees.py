@@ -9,22 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    DaemonRunner,
-    Library,
-    invalidations_of,
-    make_film_with_work_dir,
-    mv_over_from_elsewhere,
-    replace_in_place,
-    staging_dir,
-    video_invalidated,
-    wait_for,
-    warm,
-)
 
 from cinecut.workdir import in_work_dir, is_work_dir_name
 from cinecutd import inotify_pruned
 from cinecutd.treewalk import walk
+from tests.harness.checks import invalidations_of, video_invalidated, warm
+from tests.harness.films import make_film_with_work_dir
+from tests.harness.mutate import mv_over_from_elsewhere, replace_in_place, staging_dir
+from tests.harness.runner import DaemonRunner, Library
+from tests.harness.waiting import wait_for
 
 MODES = ["inotify", "poll"]
 LIVE_S = 10.0  # a live invalidation; periodic rescans are off in these tests

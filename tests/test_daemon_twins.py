@@ -15,18 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    DaemonRunner,
-    Film,
-    Library,
-    lock_held,
-    make_film,
-    make_film_with_work_dir,
-    snapshot,
-    stays,
-    wait_for,
-    warm,
-)
+
+from tests.harness.checks import snapshot, warm
+from tests.harness.films import Film, lock_held, make_film, make_film_with_work_dir
+from tests.harness.runner import DaemonRunner, Library
+from tests.harness.waiting import stays, wait_for
 
 
 @pytest.fixture

@@ -15,20 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_harness import (
-    Film,
-    Library,
-    make_film_with_work_dir,
-    new_content,
-    render_config,
-    video_invalidated,
-    warm,
-    work_state,
-)
 
 from cinecut.workdir import WorkDir
 from cinecutd.config import load_config
 from cinecutd.engine import Engine
+from tests.harness.checks import video_invalidated, warm, work_state
+from tests.harness.films import Film, make_film_with_work_dir
+from tests.harness.mutate import new_content
+from tests.harness.runner import Library, render_config
 
 
 def settle(engine: Engine, *, limit: float = 5.0) -> None:

@@ -9,19 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_harness import (
-    Library,
-    make_film_with_work_dir,
-    new_content,
-    render_config,
-    video_invalidated,
-    warm,
-)
 from test_engine_inprocess import post, settle
 
 from cinecutd.config import load_config
 from cinecutd.engine import Engine
 from cinecutd.registry import FilmState
+from tests.harness.checks import video_invalidated, warm
+from tests.harness.films import make_film_with_work_dir
+from tests.harness.mutate import new_content
+from tests.harness.runner import Library, render_config
 
 
 @pytest.fixture

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_harness import SRT, Film, build_work_dir, make_film, new_content, video_invalidated, warm
 
 from cinecut.stamps import read_stamps
 from cinecutd import reconciler as reconciler_module
 from cinecutd.config import load_config
 from cinecutd.engine import Engine
+from tests.harness.checks import video_invalidated, warm
+from tests.harness.films import SRT, Film, build_work_dir, make_film
+from tests.harness.mutate import new_content
 
 
 def flat_library(root: Path, n: int, *, work_dirs: bool = False) -> list[Film]:

@@ -16,18 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    Daemon,
-    DaemonRunner,
-    Film,
-    Library,
-    make_film_with_work_dir,
-    replace_in_place,
-    video_invalidated,
-    wait_for,
-    warm,
-    work_state,
-)
+
+from tests.harness.checks import video_invalidated, warm, work_state
+from tests.harness.films import Film, make_film_with_work_dir
+from tests.harness.mutate import replace_in_place
+from tests.harness.runner import Daemon, DaemonRunner, Library
+from tests.harness.waiting import wait_for
 
 QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
 

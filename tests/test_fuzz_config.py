@@ -223,7 +223,9 @@ def test_the_daemon_runs_with_every_number_at_its_bound(tmp_path: Path, pick: in
     """Any accepted config runs: with every numeric key at its smallest (or largest) accepted value the
     daemon becomes ready, answers status again after its timers, polls and rescans have run, and no thread
     died (Python reports a dying thread on stderr, which the harness keeps in the log)."""
-    from daemon_harness import DaemonRunner, make_film, stays, wait_for
+    from tests.harness.films import make_film
+    from tests.harness.runner import DaemonRunner
+    from tests.harness.waiting import stays, wait_for
 
     with DaemonRunner(tmp_path) as runner:
         lib, polled = runner.library("films"), runner.library("nas")

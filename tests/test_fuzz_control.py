@@ -19,11 +19,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from daemon_harness import Daemon, DaemonRunner, Library, make_film_with_work_dir, raw_exchange, warm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cinecutd.control import COMMANDS
+from tests.harness.checks import warm
+from tests.harness.films import make_film_with_work_dir
+from tests.harness.runner import Daemon, DaemonRunner, Library, raw_exchange
 
 MAX_REQUEST = 4096
 TIMEOUT_S = 1.0

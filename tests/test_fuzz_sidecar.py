@@ -16,14 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    ALL_STAGES,
-    DaemonRunner,
-    Library,
-    make_film_with_work_dir,
-    warm,
-    work_state,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +23,9 @@ from cinecut import safefs
 from cinecut.revalidate import revalidate
 from cinecut.stamps import MAX_STAMPS_BYTES, InputStamps, current_stamps, read_stamps_at
 from cinecut.workdir import STAMPS_NAME
+from tests.harness.checks import warm, work_state
+from tests.harness.films import ALL_STAGES, make_film_with_work_dir
+from tests.harness.runner import DaemonRunner, Library
 
 READ_BUDGET_S = 0.5
 

@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import DaemonRunner, Library, daemon_command, make_film_with_work_dir, work_state
 
 from cinecut.workdir import STAMPS_NAME
+from tests.harness.checks import work_state
+from tests.harness.films import make_film_with_work_dir
+from tests.harness.runner import DaemonRunner, Library, daemon_command
 
 OLD_NS = 1_400_000_000_000_000_000
 

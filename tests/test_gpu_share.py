@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 from test_pipeline import CountingFactory, analyzed_film, clone_film_dir, partial_count
 
-from cinecut import pipeline
 from cinecut.gpu_share import (
     Busy,
     GpuProcess,
@@ -30,6 +29,7 @@ from cinecut.gpu_share import (
     UnavailableProbe,
     make_probe,
 )
+from cinecut.inference import session
 from cinecut.locks import FileLock
 from cinecut.pipeline import analyze
 from cinecut.progress import EventKind, ProgressEvent
@@ -178,7 +178,7 @@ def test_a_transcode_pauses_the_prewarm_after_the_current_frame_and_it_resumes_w
     ready: Path, tiny_llava, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unload_after_s: float
 ) -> None:
     # The build at hand is CPU-only; the model's memory is on the GPU in production, so the unload applies.
-    monkeypatch.setattr(pipeline, "_offloads_to_gpu", lambda: True)
+    monkeypatch.setattr(session, "offloads_to_gpu", lambda: True)
     lock_path = tmp_path / "gpu.lock"
     probe = ScriptedProbe(FREE)
     share = GpuShare(probe, ShareConfig(quiet_seconds=0.3, unload_after_s=unload_after_s, check_every_s=0.0),

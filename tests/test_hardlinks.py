@@ -16,16 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    SRT,
-    DaemonRunner,
-    Library,
-    film_bytes,
-    make_film,
-    make_film_with_work_dir,
-    subtitles_invalidated,
-    wait_for,
-)
 
 from cinecut import safefs
 from cinecut.inference.models import SceneDescription
@@ -35,6 +25,10 @@ from cinecut.models import KeyframeRecord
 from cinecut.stamp import SourceStamp
 from cinecut.workdir import LOCK_NAME, STAMPS_NAME, WorkDir
 from cinecutd.prewarm.supervisor import WorkerProcess
+from tests.harness.checks import subtitles_invalidated
+from tests.harness.films import SRT, film_bytes, make_film, make_film_with_work_dir
+from tests.harness.runner import DaemonRunner, Library
+from tests.harness.waiting import wait_for
 
 OLD_NS = 1_500_000_000_000_000_000
 

@@ -17,18 +17,13 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    Daemon,
-    DaemonRunner,
-    Library,
-    make_film_with_work_dir,
-    new_content,
-    render_config,
-    video_invalidated,
-    wait_for,
-    warm,
-)
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness.checks import video_invalidated, warm
+from tests.harness.films import make_film_with_work_dir
+from tests.harness.mutate import new_content
+from tests.harness.runner import Daemon, DaemonRunner, Library, render_config
+from tests.harness.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "packaging" / "grafana" / "cinecut-dashboard.json"
@@ -282,8 +277,9 @@ def test_the_dropin_grants_the_textfile_folder_and_loopback_only(runner: DaemonR
     import shutil
     import subprocess
 
-    from daemon_harness import daemon_command
     from test_systemd_unit import MAX_EXPOSURE, UNIT, analyze, directives, exposure, runnable_copy
+
+    from tests.harness.runner import daemon_command
 
     lib = runner.library()
 

@@ -14,12 +14,12 @@ import os
 from pathlib import Path
 
 import pytest
-from daemon_harness import ALL_STAGES, Film, make_film_with_work_dir
 
 from cinecut.checkpoint import load_checkpoint
 from cinecut.inference.cache import read_cache_file
 from cinecut.workdir import ASSEMBLY_MANIFEST_NAME, TRAILER_MANIFEST_NAME, WorkDir
 from cinecutd.migrate import migrate_work_dir
+from tests.harness.films import ALL_STAGES, Film, make_film_with_work_dir
 
 #: (old stem, new stem): stems that prefix a fixed name, equal a later-stage output's prefix, or carry
 #: regex metacharacters and path-looking characters.

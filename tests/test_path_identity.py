@@ -20,26 +20,17 @@ from pathlib import Path
 
 import pytest
 import upstream_reader as up
-from daemon_harness import (
-    ALL_STAGES,
-    DaemonRunner,
-    Film,
-    Library,
-    invalidations_of,
-    make_film,
-    make_film_with_work_dir,
-    replace_in_place,
-    stays,
-    video_invalidated,
-    wait_for,
-    work_state,
-)
 from test_pipeline import analyzed_film, clone_film_dir, copy_film
 
 from cinecut import safefs
 from cinecut.paths import film_identity, same_film_path
 from cinecut.stamps import current_stamps, read_stamps, write_stamps_at
 from cinecut.workdir import STAMPS_NAME, WorkDir, subtitle_sidecars
+from tests.harness.checks import invalidations_of, video_invalidated, work_state
+from tests.harness.films import ALL_STAGES, Film, make_film, make_film_with_work_dir
+from tests.harness.mutate import replace_in_place
+from tests.harness.runner import DaemonRunner, Library
+from tests.harness.waiting import stays, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 180

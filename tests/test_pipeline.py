@@ -20,10 +20,11 @@ import msgpack
 import pytest
 import upstream_reader as up
 
-from cinecut import pipeline, safefs
+from cinecut import safefs
 from cinecut.checkpoint import load_checkpoint, save_checkpoint
 from cinecut.demo.film import SyntheticFilm, make_synthetic_film
 from cinecut.demo.tinymodel import TinyLlava
+from cinecut.inference import session
 from cinecut.inference.cache import CacheMetadata, load_cache, read_cache_file, save_cache
 from cinecut.inference.engine import LlavaEngine
 from cinecut.inference.partial import PartialHeader, PartialWriter, plan_of, read_partial
@@ -399,7 +400,7 @@ def test_prewarm_yields_the_gpu_between_frames_and_resumes(
 ) -> None:
     # Whether llama.cpp was built with GPU offload decides if the model's memory must be freed on yield;
     # the build at hand is CPU-only in CI, so both answers are given here.
-    monkeypatch.setattr(pipeline, "_offloads_to_gpu", lambda: gpu_build)
+    monkeypatch.setattr(session, "offloads_to_gpu", lambda: gpu_build)
     lock_path = tmp_path / "gpu.lock"
     k = 3
     seen: dict[str, Any] = {}

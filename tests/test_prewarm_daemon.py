@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_harness import Daemon, DaemonRunner, Library, render_config, stays, temp_then_rename, wait_for
 
 from cinecut.demo.film import SyntheticFilm
 from cinecut.demo.tinymodel import TinyLlava
@@ -31,6 +30,9 @@ from cinecut.inference.cache import CacheState, cache_state
 from cinecut.inference.partial import read_partial
 from cinecut.locks import GpuLock
 from cinecut.workdir import WorkDir
+from tests.harness.mutate import temp_then_rename
+from tests.harness.runner import Daemon, DaemonRunner, Library, render_config
+from tests.harness.waiting import stays, wait_for
 
 BIN = Path(sys.executable).parent
 JOB_S = 90.0  # generous: a job is ~4 s here, but the machines running the suite are shared

@@ -94,7 +94,9 @@ STAND_IN = textwrap.dedent(
         emit(event="progress", done=1, total=9, fps=1.0)
         while not stop:
             time.sleep(0.01)
-        open(sys.argv[2], "w").write("got SIGTERM")
+        with open(sys.argv[2] + ".tmp", "w") as f:  # renamed into place: the test never reads it half-written
+            f.write("got SIGTERM")
+        os.replace(sys.argv[2] + ".tmp", sys.argv[2])
         sys.exit(3)
     """
 )

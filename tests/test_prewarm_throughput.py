@@ -7,11 +7,11 @@ from datetime import time as dtime
 from pathlib import Path
 
 import pytest
-from daemon_harness import wait_for
 from test_prewarm_daemon import JOB_S, Setup, cli, pw, runner, s  # noqa: F401 (fixtures)
 
 from cinecutd.config import Window
 from cinecutd.prewarm.throughput import Throughput, estimate, window_hours
+from tests.harness.waiting import wait_for
 
 
 def test_window_hours_and_the_nights_a_queue_needs() -> None:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_harness import Daemon, DaemonRunner, Library, render_config, temp_then_rename, wait_for
 from remote_harness import RedisServer, Worker, worker_argv
 
 from cinecut.demo.film import SyntheticFilm
@@ -30,6 +29,9 @@ from cinecut.locks import GpuLock
 from cinecut.remote import protocol
 from cinecut.stamp import SourceStamp
 from cinecut.workdir import WorkDir
+from tests.harness.mutate import temp_then_rename
+from tests.harness.runner import Daemon, DaemonRunner, Library, render_config
+from tests.harness.waiting import wait_for
 
 JOB_S = 90.0
 BIN = Path(sys.executable).parent
@@ -241,6 +243,69 @@ def test_two_workers_with_their_own_views_warm_every_film_exactly_once(s: Setup)
     # Nothing left in Redis to run again.
     conn = s.redis.client()
     assert conn.llen(f"rq:queue:{protocol.QUEUE_NAME}") == 0
+
+
+def test_a_remote_job_counts_in_status_and_metrics_as_a_local_one_does(s: Setup) -> None:
+    """Its outcome, the time of the last success and the frames described: the metrics read these from
+    status, so a coordinator whose jobs all run remotely must not report zero jobs done forever."""
+    d = s.start()
+    film = s.drop("Counted (2024)")
+    w = s.worker("alpha")
+    t0 = time.time()
+    wait_for(lambda: cache_valid(film) and d.status()["prewarm"]["completed"] == 1, JOB_S, what="warm")
+    (done,) = w.events("job_done")
+    st = d.status()["prewarm"]
+    assert st["outcomes"] == {"done": 1}, st["outcomes"]
+    assert st["last_success"] is not None and st["last_success"] >= t0
+    assert st["frames_described"] == done["frames_computed"] >= 2
+
+
+def test_a_job_whose_cancel_met_a_stalled_redis_is_cancelled_once_redis_answers(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """Pause while Redis stalls (frozen past the coordinator's socket timeout, keys kept): the queued job
+    must not outlive the pause unseen; it is taken back once Redis answers again, not left for a worker."""
+    import signal
+    from datetime import datetime
+
+    from cinecutd.config import parse_config
+    from cinecutd.engine import Engine
+    from cinecutd.prewarm.scheduler import PrewarmScheduler
+
+    lib = tmp_path / "films"
+    (lib / "Stalled (2024)").mkdir(parents=True)
+    (lib / "Stalled (2024)" / "Stalled (2024).mkv").write_bytes(b"film" * 1000)
+    for name in ("model.gguf", "mmproj.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF" + bytes(64))
+    config = parse_config({
+        "daemon": {"state_dir": str(tmp_path / "state"), "settle_seconds": 0, "rescan_interval": 0},
+        "library": [{"path": str(lib)}], "control": {"socket": str(tmp_path / "d.sock")},
+        "prewarm": {"enabled": True, "window": "always", "settle_seconds": 0, "model": str(tmp_path / "model.gguf"),
+                    "mmproj": str(tmp_path / "mmproj.gguf"), "gpu_lock": str(tmp_path / "gpu.lock")},
+        "queue": {"redis": redis_server.url},
+    }, tmp_path / "cinecutd.toml")
+    engine = Engine(config)
+    sched = PrewarmScheduler(config, engine, clock=lambda: datetime(2024, 5, 1, 2, 0))
+    engine.on_film_changed = sched.on_film_changed
+    engine.on_reconciled = sched.on_reconciled
+    engine.reconcile("startup")
+    conn = redis_server.client()
+    queued = f"rq:queue:{protocol.QUEUE_NAME}"
+
+    def ticking(predicate: Any) -> Any:
+        sched.tick()
+        return predicate()
+
+    wait_for(lambda: ticking(lambda: conn.llen(queued) == 1), 20, what="the film queued")
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        sched.pause()  # its cancel times out: Redis is unreachable for now
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert not sched.status()["remote"]["connected"]
+    wait_for(lambda: ticking(lambda: sched.status()["remote"]["connected"]), 20, what="reconnected")
+    wait_for(lambda: ticking(lambda: conn.llen(queued) == 0), 10, what="the paused film's job taken back")
+    assert sched.status()["remote"]["queued"] == 0
 
 
 def test_a_film_replaced_mid_job_is_stopped_and_queued_again_under_its_new_stamp(s: Setup) -> None:

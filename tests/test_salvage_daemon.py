@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from daemon_harness import wait_for
 from test_prewarm_daemon import JOB_S, Setup, cli, film_pw, pw, runner  # noqa: F401 - runner is a fixture
 from test_salvage import by_key, retimed, write_srt
 
 from cinecut.inference.cache import load_cache
 from cinecut.inference.salvage import SALVAGE_NAME
 from cinecut.workdir import WorkDir
+from tests.harness.waiting import wait_for
 
 
 @pytest.fixture

@@ -9,14 +9,11 @@ temp file is left, and memory and descriptors stay flat. Part of the library liv
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from soak import SoakConfig, run_soak
+from bench.soak import SoakConfig, run_soak
 
 OPERATIONS = 400
 FILMS = 30

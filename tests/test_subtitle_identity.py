@@ -12,18 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
-    ALL_STAGES,
-    DaemonRunner,
-    Film,
-    Library,
-    make_film_with_work_dir,
-    stays,
-    wait_for,
-    work_state,
-)
 
 from cinecut.stamps import InputStamps, current_stamps, subtitles_unchanged
+from tests.harness.checks import work_state
+from tests.harness.films import ALL_STAGES, Film, make_film_with_work_dir
+from tests.harness.runner import DaemonRunner, Library
+from tests.harness.waiting import stays, wait_for
 
 #: Longer than the settle delay (0.3 s) and the subtitle-follow timer (0.5 s) together, with margin.
 PAST_SETTLE_S = 2.0

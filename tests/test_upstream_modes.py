@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import upstream_reader
-from daemon_harness import make_film
 from upstream_user import OTHER_GID, OTHER_UID, chown_tree, run_as, upstream_resume_reuses
 
 from cinecut.problems import STALE_CHECKPOINT_NAME
 from cinecut.revalidate import revalidate
 from cinecut.stages import Input, InvalidationReport, invalidate
 from cinecut.workdir import CHECKPOINT_NAME, STAMPS_NAME, WorkDir
+from tests.harness.films import make_film
 
 ROOT = os.geteuid() == 0
 NOBODY = 65534

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cinecut.analyze_options import AnalyzeOptions
 from cinecut.ingest import IngestError
 from cinecut.pipeline import AnalysisStopped, FilmChangedError, PipelineError, analyze
 from cinecut.progress import EventKind, ProgressEvent
@@ -54,6 +55,15 @@ class WorkerSettings:
     gpu_share: Callable[[], Any] | None = None
     name: str = field(default_factory=socket.gethostname)
     host: str = field(default_factory=socket.gethostname)
+
+    def analyze_options(self, vibe: str | None) -> AnalyzeOptions:
+        """A job's options: the local pre-warm's, with this host's model and GPU lock; ``vibe`` (the job's)
+        else this host's, else ``action``."""
+        return AnalyzeOptions(
+            model=self.model, mmproj=self.mmproj, n_gpu_layers=self.n_gpu_layers, n_ctx=self.n_ctx,
+            max_tokens=self.max_tokens, parallel=self.parallel, vibe=vibe or self.vibe or "action",
+            gpu_lock_path=self.gpu_lock, interactive=False, max_keyframes=self.max_keyframes,
+        )
 
 
 @dataclass
@@ -160,10 +170,7 @@ def warm(raw: Any) -> dict[str, Any]:
     t0 = time.monotonic()
     try:
         result = analyze(
-            film, model=settings.model, mmproj=settings.mmproj, n_gpu_layers=settings.n_gpu_layers,
-            n_ctx=settings.n_ctx, max_tokens=settings.max_tokens, parallel=settings.parallel,
-            vibe=payload.vibe or settings.vibe or "action", gpu_lock_path=settings.gpu_lock, interactive=False,
-            progress=_progress, should_stop=CURRENT.stop.is_set, max_keyframes=settings.max_keyframes,
+            film, settings.analyze_options(payload.vibe), progress=_progress, should_stop=CURRENT.stop.is_set,
             gpu_share=settings.gpu_share() if settings.gpu_share is not None else None,
         )
     except AnalysisStopped as exc:

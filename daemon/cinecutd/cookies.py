@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cinecutd.states import EventKind
+
 PREFIX = ".cinecutd-cookie-"
 _NAME = re.compile(r"\.cinecutd-cookie-[0-9]+-[0-9]+\Z")
 _SEEN_MAX = 256  # cookies whose event came before the request: remembered, bounded
@@ -90,7 +92,7 @@ class Cookies:
 
     def intercept(self, kind: str, src: str, dest: str | None) -> bool:
         """Consume a cookie's event, or a poll's end marker; False for any other event."""
-        if kind == "polled":  # dest: the poll's start, as time.monotonic() said it
+        if kind == EventKind.POLLED:  # dest: the poll's start, as time.monotonic() said it
             self._polled(Path(src), float(dest or 0.0))
             return True
         hit = next((p for p in (src, dest) if p and is_cookie(p)), None)
@@ -101,7 +103,7 @@ class Cookies:
         if w is not None and not w.polled:
             del self._waiting[path]
             self._answer(path, w, "inotify")
-        elif w is None and kind != "deleted":
+        elif w is None and kind != EventKind.DELETED:
             self._seen[path] = None
             while len(self._seen) > _SEEN_MAX:
                 self._seen.popitem(last=False)

@@ -49,6 +49,29 @@ class ScanResult:
     #: Folders skipped because the walk had already been there under another path (a bind mount loop).
     loops: list[Path] = field(default_factory=list)
     missing: bool = False
+    #: What an earlier scan of this root learned (reused), and what this one learns (filled when given).
+    known: Known | None = None
+    learned: Known | None = None
+    #: Work dirs ``known`` did not hold at this path with this inode (all of them without ``known``): new
+    #: here, or replaced, since the last scan.
+    new_work_dirs: set[Path] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Known:
+    """Each film, subtitle and work dir a scan met, by path string, with its path object and what its
+    name makes it: the next scan of the root neither classifies a name it met before nor builds its path
+    again (and finds it in the registry by a hash computed once). Only valid for the same extensions."""
+
+    exts: tuple[frozenset[str], frozenset[str]]
+    films: dict[str, tuple[Path, str]] = field(default_factory=dict)  # -> (path, stem)
+    subtitles: dict[str, tuple[Path, list[str]]] = field(default_factory=dict)  # -> (path, film stems)
+    work_dirs: dict[str, tuple[Path, int]] = field(default_factory=dict)  # -> (path, inode)
+    folders: dict[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def fresh(cls, video_extensions: Iterable[str], subtitle_extensions: Iterable[str]) -> Known:
+        return cls((frozenset(e.lower() for e in video_extensions), frozenset(e.lower() for e in subtitle_extensions)))
 
 
 #: Entries read from a folder between two yields of a scan: a flat folder of 100,000 films is listed in
@@ -141,10 +164,17 @@ def _iter_scan_folder(
     subdirs: list[Path],
     seen: set[FolderId] | None,
 ) -> Iterator[None]:
-    """One folder: one listing, subtitles indexed by stem (linear in the folder's size, however flat)."""
-    films: list[str] = []
-    subs_by_stem: dict[str, list[str]] = {}
+    """One folder: one listing, subtitles indexed by stem (linear in the folder's size, however flat).
+    A name met by an earlier scan (``result.known``) is neither classified nor made a path again."""
+    films: list[tuple[Path, str]] = []
+    subs_by_stem: dict[str, list[Path]] = {}
     child = _child(folder)
+    known = result.known if result.known is not None and result.known.exts == (vexts, sexts) else None
+    kf, ks, kw, kd = (known.films, known.subtitles, known.work_dirs, known.folders) if known else ({}, {}, {}, {})
+    learned = result.learned
+    lf, ls, lw, ld = (
+        (learned.films, learned.subtitles, learned.work_dirs, learned.folders) if learned else ({}, {}, {}, {})
+    )
     n = 0
     try:
         with os.scandir(folder) as it:
@@ -152,11 +182,20 @@ def _iter_scan_folder(
                 n += 1
                 if n % ENTRIES_PER_STEP == 0:
                     yield
-                name = entry.name
+                path = entry.path
                 try:
                     if entry.is_dir(follow_symlinks=False):
+                        hit = kw.get(path)
+                        if hit is not None and hit[1] == entry.inode():
+                            result.work_dirs.add(hit[0])  # the same work dir as last time
+                            lw[path] = hit
+                            continue
+                        name = entry.name
                         if is_work_dir_name(name):
-                            result.work_dirs.add(child(name))
+                            hit = (hit[0] if hit is not None else child(name), entry.inode())
+                            result.new_work_dirs.add(hit[0])
+                            result.work_dirs.add(hit[0])
+                            lw[path] = hit
                         elif not name.startswith("."):
                             if seen is not None:
                                 ident = folder_id(entry.stat(follow_symlinks=False))
@@ -164,22 +203,41 @@ def _iter_scan_folder(
                                     result.loops.append(child(name))
                                     continue
                                 seen.add(ident)
-                            subdirs.append(child(name))
-                    elif is_film_name(name, vexts) and entry.is_file(follow_symlinks=True):
-                        films.append(name)
-                    else:
-                        for stem in subtitle_stems(name, sexts):
-                            subs_by_stem.setdefault(stem, []).append(name)
+                            sub_folder = kd.get(path) or child(name)
+                            subdirs.append(sub_folder)
+                            ld[path] = sub_folder
+                        continue
+                    film = kf.get(path)
+                    if film is None:
+                        sub = ks.get(path)
+                        if sub is None:
+                            name = entry.name
+                            if is_film_name(name, vexts):
+                                film = (child(name), os.path.splitext(name)[0])
+                            else:
+                                stems = subtitle_stems(name, sexts)
+                                if not stems:
+                                    continue
+                                sub = (child(name), stems)
+                        if sub is not None:
+                            for stem in sub[1]:
+                                subs_by_stem.setdefault(stem, []).append(sub[0])
+                            ls[path] = sub
+                            continue
+                    if entry.is_file(follow_symlinks=True):
+                        films.append(film)
+                        lf[path] = film
                 except OSError:
                     continue
     except OSError as exc:
         result.unreadable.append((folder, exc.strerror or str(exc)))
         return
-    for i, name in enumerate(films):
+    out = result.films
+    for i, (film_path, stem) in enumerate(films):
         if i and i % ENTRIES_PER_STEP == 0:
             yield
-        names = subs_by_stem.get(os.path.splitext(name)[0])
-        result.films[child(name)] = tuple(sorted(child(n) for n in names)) if names else ()
+        subs = subs_by_stem.get(stem)
+        out[film_path] = () if not subs else (subs[0],) if len(subs) == 1 else tuple(sorted(subs))
 
 
 def subtitles_of(film: Path, subtitle_extensions: tuple[str, ...]) -> tuple[Path, ...]:

@@ -32,6 +32,7 @@ import structlog
 
 from cinecutd.config import Config
 from cinecutd.pathmap import PathMap, PathRefused, relative_to_root, split_paths
+from cinecutd.states import EventKind
 
 if TYPE_CHECKING:
     from cinecutd.engine import Engine
@@ -332,7 +333,7 @@ class HintSink:
             # As inotify would report it: a known film is gone (its work dir is kept as an orphan), a
             # subtitle's film is looked at once things are quiet, anything else is nothing to the engine.
             is_dir = path not in reg.films and bool(self._films_under(path))
-            self._event("deleted", path, is_dir=is_dir, t0=t0)
+            self._event(EventKind.DELETED, path, is_dir=is_dir, t0=t0)
             return
         except OSError as exc:
             log.warning("hint_unreadable", path=str(path), error=str(exc))
@@ -343,11 +344,11 @@ class HintSink:
                 reg.counters["hint_rescans"] += 1
                 self.engine.request_reconcile(f"hint naming a folder of {len(films)} films")
                 return
-            self._event("created", path, is_dir=True, t0=t0)  # films new to the daemon are found
+            self._event(EventKind.CREATED, path, is_dir=True, t0=t0)  # films new to the daemon are found
             for film in films:
-                self._event("modified", film, t0=t0)
+                self._event(EventKind.MODIFIED, film, t0=t0)
         else:
-            self._event("modified" if path in reg.films else "created", path, t0=t0)
+            self._event(EventKind.MODIFIED if path in reg.films else EventKind.CREATED, path, t0=t0)
 
     def _move(self, old: Path, new: Path, t0: float) -> None:
         """A rename is acted on as one only when the disk agrees: ``old`` gone, ``new`` there."""
@@ -371,7 +372,7 @@ class HintSink:
             while a.name == b.name and a.parent != a and b.parent != b:
                 a, b = a.parent, b.parent
             if self._usable(a) and self._usable(b) and not os.path.lexists(a) and self._films_under(a):
-                self._event("moved", a, b, is_dir=True, t0=t0)
+                self._event(EventKind.MOVED, a, b, is_dir=True, t0=t0)
                 self._folders = None
             if new_dir / old.name in reg.films:  # it travelled with its folder: renamed inside it, if at all
                 old = new_dir / old.name
@@ -380,4 +381,4 @@ class HintSink:
         if new in reg.films and old not in reg.films:
             self._look(new, t0)  # the move was seen already (inotify, a poll, a duplicate event)
             return
-        self._event("moved", old, new, t0=t0)
+        self._event(EventKind.MOVED, old, new, t0=t0)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
+from cinecut.evidence import Verification
 from cinecut.locks import LockBusy, is_work_dir_locked
 from cinecut.ownership import Owner, judge, read_evidence
 from cinecut.problems import Problem
@@ -29,7 +30,7 @@ from cinecutd.config import Config
 from cinecutd.health import Health, access_problems, older_than_film, remedy
 from cinecutd.queries import cache_validity
 from cinecutd.registry import FilmState, Registry
-from cinecutd.states import Bus, FilmJudged, Trigger
+from cinecutd.states import Bus, Deferral, FilmJudged, Trigger
 from cinecutd.tallies import Tallies
 
 if TYPE_CHECKING:
@@ -59,16 +60,16 @@ class Lifecycle(Protocol):
     def recheck_subtitles_later(self, film: Path) -> None: ...
 
 
-def note_verification(state: FilmState, verification: str | None, stamps: InputStamps | None,
+def note_verification(state: FilmState, verification: Verification | None, stamps: InputStamps | None,
                       unrecorded: bool) -> None:
     """Remember what proves a film's stages, and the first stamps seen of a work dir with no sidecar of
     ours: held in memory only (nothing is written into a work dir nothing changed), and used only to
     notice a subtitle that changes or vanishes later, never to certify a stage."""
-    state.verification = None if verification is None else str(verification)
-    if verification == "recorded" or verification is None:
+    state.verification = verification
+    if verification == Verification.RECORDED or verification is None:
         state.baseline = None
     elif unrecorded and stamps is not None and stamps.video is not None:
-        if state.baseline is None or verification == "nothing":  # no stage yet: nothing to compare
+        if state.baseline is None or verification == Verification.NOTHING:  # no stage yet: nothing to compare
             state.baseline = stamps
 
 
@@ -121,10 +122,10 @@ class Judge:
                 failed = Problem.from_exc(where, exc, "revalidation failed; nothing changed")
                 self.set_problems(state, [failed, *(p for p in access_problems(wd) if p.path != where)])
             return None
-        if state.pending:
-            log.info("pending_applied", film=str(state.film), reason=state.pending)
+        if state.pending is not None:
+            log.info("pending_applied", film=str(state.film), reason=state.pending.trigger)
             self._pending.discard(state.film)
-        state.pending, state.pending_since = None, None
+        state.pending = None
         changed = self._apply(state, res, t0, trigger)
         # Inside a burst (its settle step pending) the change is announced once, when the burst is quiet.
         if changed and announce and state.settle_due is None:
@@ -134,8 +135,7 @@ class Judge:
     def defer(self, state: FilmState, trigger: str, exc: LockBusy) -> None:
         """A pipeline holds the work dir: remember why, and look again shortly."""
         if state.pending is None:
-            state.pending = trigger
-            state.pending_since = time.time()
+            state.pending = Deferral(trigger, time.time())
             self.host.reg.counters["deferred"] += 1
             who = exc.holder or {}
             log.info("deferred", film=str(state.film), reason="work dir locked by a pipeline", holder=who.get("purpose"))
@@ -165,7 +165,7 @@ class Judge:
         now = time.monotonic()
         if moves is not None and moves.after_unlock(state, now):
             return
-        self.revalidate(state, now, state.pending)
+        self.revalidate(state, now, state.pending.trigger)
 
     def final_revalidation(self, state: FilmState) -> None:
         """After a burst went quiet: one last look, so the final state of the film is what counts."""

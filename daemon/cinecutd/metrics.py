@@ -35,13 +35,17 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 
 from cinecut import __version__, fresh
+from cinecut.evidence import Verification
+from cinecut.inference.cache import CacheState
 from cinecutd.config import MetricsConfig
+from cinecutd.states import RootStatus
 from cinecutd.tallies import Tallies
 
 log = structlog.get_logger("cinecutd")
 
-CACHE_STATES: Final = ("valid", "stale", "missing", "corrupt")
-ROOT_STATES: Final = ("watching", "poll-fallback", "degraded", "missing", "unreadable", "starting")
+CACHE_STATES: Final = tuple(CacheState)
+ROOT_STATES: Final = (RootStatus.WATCHING, RootStatus.POLL_FALLBACK, RootStatus.DEGRADED, RootStatus.MISSING,
+                      RootStatus.UNREADABLE, RootStatus.STARTING)
 JOB_OUTCOMES: Final = ("done", "stopped", "discarded", "failed", "abandoned")
 #: Whom a pre-warm job yields the GPU to (``cinecut.gpu_share`` reasons, an interactive run, the lock's holder).
 YIELD_REASONS: Final = ("interactive", "gpu_lock", "processes", "transcodes", "vram")
@@ -75,9 +79,9 @@ def take_snapshot(engine: Any, prewarm: Any | None) -> Snapshot:
     now = time.monotonic()
     settle = engine.config.prewarm.settle_seconds
     for st in reg.films.values():
-        by_cache[st.cache if st.cache in by_cache else "corrupt"] += 1
+        by_cache[st.cache if st.cache in by_cache else CacheState.CORRUPT] += 1
         pending += st.pending is not None
-        unverified += st.verification == "unverified"
+        unverified += st.verification == Verification.UNVERIFIED
         copying += not st.settled(now, settle)
     roots = dict.fromkeys(ROOT_STATES, 0)
     for r in reg.roots.values():

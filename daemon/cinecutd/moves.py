@@ -1,11 +1,12 @@
 """Work dirs following their films: renames, moves across watches, names taken over, files hiding.
 
 Every move of a work dir goes through :meth:`Moves.migrate`, so one ownership check (``cinecut.ownership``)
-guards them all. The class keeps the memories a move needs between events: films that vanished and films
-that arrived without a work dir (by inode, to pair the halves of a move across roots), moves waiting for a
-pipeline's lock (one :class:`PendingMove` each), results parked for a file that left its name, and films
-hiding under a name the scan ignores. It judges nothing itself: once a work dir has followed, the film is
-handed to the judge (:class:`cinecutd.judge.Judge`), the one owner of revalidation.
+guards them all. The class keeps what a move waits for between events: moves held by a pipeline's lock
+(one :class:`PendingMove` each) and renamed films whose subtitles have yet to follow. Two memories by
+inode are owned next door: the halves of moves across roots (:class:`cinecutd.sightings.Sightings`) and
+names taken over, with results parked for the file that left (:class:`cinecutd.parking.Parking`). It
+judges nothing itself: once a work dir has followed, the film is handed to the judge
+(:class:`cinecutd.judge.Judge`), the one owner of revalidation.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 
 from cinecut.locks import LockBusy, is_work_dir_locked
-from cinecut.ownership import Evidence, Identity, Owner, judge, read_evidence, real
+from cinecut.ownership import Identity, Owner, judge, read_evidence, real
 from cinecut.paths import same_film_path
 from cinecut.stamp import SourceStamp
 from cinecut.stamps import read_stamps
 from cinecut.workdir import WorkDir
 from cinecutd.config import Config, LibraryConfig
 from cinecutd.memory import trim_heap
-from cinecutd.migrate import MigrationError, is_parked_name, migrate_work_dir, park_work_dir
+from cinecutd.migrate import MigrationError, is_parked_name, migrate_work_dir
+from cinecutd.parking import Parking, identity_of
 from cinecutd.registry import FilmState, Registry
+from cinecutd.sightings import GONE_MEMORY_S, Sightings
 from cinecutd.states import Trigger
 
 if TYPE_CHECKING:
@@ -37,8 +40,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("cinecutd")
 
-#: How long a vanished film is remembered by inode, to recognise a move across roots (delete + create).
-GONE_MEMORY_S = 600.0
 #: How long the results under a film's previous, never-registered name may take to show their commit mark
 #: (our stamps sidecar) before the daemon stops waiting to carry them along. A pipeline holding the work
 #: dir's lock is waited for as long as it holds it; this bounds only the unlocked, unmarked case (a
@@ -85,16 +86,20 @@ class Results(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
+class Migration(enum.StrEnum):
+    """What :meth:`Moves.migrate` did with a work dir."""
+
+    MOVED = "moved"
+    DEFERRED = "deferred"  # a pipeline holds a work dir: retried with the pending films
+    REFUSED = "refused"  # another film's results, or nowhere to put them: they stay where they are
+
+
 class Resume(enum.StrEnum):
     """What a pending film's retry should do next (:meth:`Moves.resume`)."""
 
     GO = "go"  # nothing of its move is left: judge it
     WAIT = "wait"  # a pipeline still holds the results, or their commit mark is not there yet
     HELD = "held"  # the move met a lock again and deferred the film once more
-
-
-def identity_of(state: FilmState) -> Identity | None:
-    return (state.device, state.inode) if state.device is not None and state.inode is not None else None
 
 
 def sidecars_left(old_film: Path, lib: LibraryConfig) -> bool:
@@ -158,17 +163,6 @@ def drop_conflict(reg: Registry, film: Path, wd: Path) -> None:
             reg.films[f].conflict = False
 
 
-def owner_present(reg: Registry, ev: Evidence, wd: Path, film: Path) -> bool:
-    """The film that ``wd``'s results name is still there under that name (a twin of ``film``)."""
-    for f in reg.films_in(wd.parent):
-        other = reg.films[f]
-        if f == film or other.work_dir != wd or real(f) != ev.named:
-            continue
-        if ev.identity is None or ev.identity == identity_of(other):
-            return True
-    return False
-
-
 def owner_twin(reg: Registry, state: FilmState) -> Path | None:
     """A new film whose work dir names a same-stem sibling that is on disk but not registered yet (a folder
     with twins that arrived from another root, listed in any order): the owner, to register first, so this
@@ -224,23 +218,14 @@ class Moves:
         self.judge = judge
         self.intake: Arrivals | None = None  # set by the engine
         self._catch_up_due = False
-        self.gone: dict[Identity, tuple[Path, SourceStamp, float]] = {}
-        # New films that arrived without a work dir, by inode: when a move's deletion half is reported
-        # after its creation half (two roots, two observers), the vanished film's results still follow.
-        self.fresh: dict[Identity, tuple[Path, SourceStamp, float]] = {}
+        self.seen = Sightings()  # films that vanished, or arrived without a work dir, by inode
         # Renamed films whose subtitle sidecars still carry the old stem (Radarr renames them one by one
         # after the film): new film -> old film. Their subtitle check waits for the sidecars to follow.
         self.renaming: dict[Path, Path] = {}
         # Moves of a work dir that a pipeline's lock held up, by new film. Retried with the pending
         # invalidations, so a rename during an analysis keeps its results.
         self.pending: dict[Path, PendingMove] = {}
-        # Work dirs moved out of the way of a film that took their name (``mv A.mkv .swap; mv B.mkv A.mkv``),
-        # by the (device, inode) of the file whose results they hold: handed back when it reappears.
-        self.parked: dict[Identity, tuple[Path, Path, float]] = {}
-        # Films renamed to a name the scan ignores inside a library (``.swap``, ``.part``): still there, by
-        # (device, inode) -> (hidden path, when). Their results are parked, never judged, if another file
-        # lands on their old name meanwhile.
-        self.hiding: dict[Identity, tuple[Path, float]] = {}
+        self.parking = Parking(host.reg, self.seen)
 
     # ----------------------------------------------------------------- questions from the judge
     @property
@@ -310,7 +295,7 @@ class Moves:
         if state.inode is not None and state.device is not None and state.stamp is not None:
             if self._follow_to_twin(state):
                 return
-            self.gone[(state.device, state.inode)] = (film, state.stamp, time.monotonic())
+            self.seen.vanished((state.device, state.inode), film, state.stamp, time.monotonic())
         wd = state.work_dir
         drop_conflict(reg, film, wd)
         still_claimed = bool(reg.claimants(wd))
@@ -322,12 +307,10 @@ class Moves:
         """A film renamed to a name the scan ignores, inside a library: remember where it hides."""
         identity = identity_of(state)
         if identity is not None:
-            self.hiding[identity] = (dest, time.monotonic())
+            self.parking.hidden(identity, dest)
 
     def path_gone(self, path: Path) -> None:
-        """A film hiding under an ignored name was deleted there: no longer anyone's to wait for."""
-        if self.hiding:
-            self.hiding = {k: v for k, v in self.hiding.items() if v[0] != path}
+        self.parking.path_gone(path)
 
     # ----------------------------------------------------------------- renames
     def renamed(self, state: FilmState, new_film: Path, lib: LibraryConfig | None, t0: float, *,
@@ -446,38 +429,37 @@ class Moves:
         self.host.later(time.monotonic() + CATCH_UP_DELAY_S, run)
 
     def migrate(self, old_film: Path, new_film: Path, t0: float, *, moved_with_folder: bool = False,
-                identity: Identity | None = None, src_dir: Path | None = None) -> str:
+                identity: Identity | None = None, src_dir: Path | None = None) -> Migration:
         """Carry the work dir of ``old_film`` (at ``src_dir`` when parked) to ``new_film``, if its results
-        are that file's (``identity``). Returns ``moved``, ``deferred`` (a pipeline holds a work dir;
-        retried) or ``refused`` (another film's results, or nowhere to put them: they stay where they are)."""
+        are that file's (``identity``): :class:`Migration` says what became of them."""
         reg = self.host.reg
         new_wd = WorkDir.for_film(new_film).path
         src = src_dir if src_dir is not None else new_wd if moved_with_folder else WorkDir.for_film(old_film).path
-        parked = self.parked.get(identity) if identity is not None and src_dir is None else None
-        if parked is not None and os.path.lexists(parked[0]) and (
+        parked = self.parking.get(identity) if identity is not None and src_dir is None else None
+        if parked is not None and os.path.lexists(parked.place) and (
                 not os.path.lexists(src) or judge(read_evidence(src, old_film.stem), old_film, identity) is not Owner.MINE):
             # Its results were parked meanwhile (another film took its old name first): take them from there.
-            old_film, src_dir, src, moved_with_folder = parked[1], parked[0], parked[0], False
+            old_film, src_dir, src, moved_with_folder = parked.named, parked.place, parked.place, False
         try:
             if not os.path.lexists(src):
                 if os.path.lexists(new_wd) and not moved_with_folder:
-                    self._make_room(new_wd, new_film, identity)  # other results are never judged against it
+                    self.parking.make_room(new_wd, new_film, identity)  # other results are never judged against it
                 if not os.path.isdir(src.parent) or not os.path.isdir(new_film.parent):
                     self._catch_up("a folder on the path of a work-dir move was renamed before its turn")
-                return "refused"
+                return Migration.REFUSED
             ev = read_evidence(src, old_film.stem)
             verdict = judge(ev, old_film, identity)
             if verdict is Owner.THEIRS or (
                     verdict is Owner.UNKNOWN and any(f != new_film for f in reg.claimants(src))):
                 log.info("migration_refused", film=str(new_film), old_film=str(old_film), work_dir=str(src),
                          reason="its results are another film's")
-                return "refused"
+                return Migration.REFUSED
             if verdict is Owner.MINE and ev is not None and ev.named is not None and ev.named != real(old_film) \
                     and src_dir is None and not moved_with_folder and src != new_wd:
                 # This very file made them under a name of its own the daemon never saw (its folder moved in
                 # already renamed): the stored paths speak of that name.
                 old_film, src_dir = Path(ev.named), src
-            if src != new_wd and os.path.lexists(new_wd) and not self._make_room(new_wd, new_film, identity):
+            if src != new_wd and os.path.lexists(new_wd) and not self.parking.make_room(new_wd, new_film, identity):
                 raise MigrationError(f"{new_wd} holds results that are not this film's; keeping both work dirs")
             report = migrate_work_dir(old_film, new_film, moved_with_folder=moved_with_folder, src_dir=src_dir)
             trim_heap()
@@ -487,28 +469,28 @@ class Moves:
             state = reg.films.get(new_film)
             if state is not None:
                 self.judge.defer(state, Trigger.RENAMED, LockBusy(src / "cinecut.lock"))
-            return "deferred"
+            return Migration.DEFERRED
         except (MigrationError, OSError) as exc:
             log.warning("migration_skipped", film=str(new_film), old_film=str(old_film), reason=str(exc))
             if not os.path.isdir(new_film.parent) or not os.path.lexists(src):
                 self._catch_up("a folder on the path of a work-dir move was renamed before its turn")
             if os.path.lexists(src) and src != new_wd:
                 reg.orphans.setdefault(src, time.time())
-            return "refused"
+            return Migration.REFUSED
         reg.orphans.pop(src, None)
         if src_dir is not None:
-            self.parked = {k: v for k, v in self.parked.items() if v[0] != src_dir}
+            self.parking.emptied(src_dir)
         reg.counters["migrations"] += 1
         log.info("migrated", film=str(new_film), old_film=str(old_film), work_dir=report.new_work_dir,
                  rewritten=report.rewritten, latency_ms=round((time.monotonic() - t0) * 1000, 3))
         self._return_parked()
-        return "moved"
+        return Migration.MOVED
 
     def _carry(self, old_film: Path, state: FilmState, now: float, *, moved_with_folder: bool = False,
                identity: Identity | None = None, src_dir: Path | None = None) -> bool:
         """Migrate to ``state`` and judge it; False (nothing judged) when the move was refused."""
         if self.migrate(old_film, state.film, now, moved_with_folder=moved_with_folder, identity=identity,
-                        src_dir=src_dir) == "refused":
+                        src_dir=src_dir) is Migration.REFUSED:
             return False
         self.judge_after_move(old_film, state, self._lib_of(state), now, Trigger.MOVED)
         return True
@@ -516,84 +498,28 @@ class Moves:
     # ----------------------------------------------------------------- parked results
     def _return_parked(self) -> None:
         """Hand parked results back to their file once it is registered under a name whose work dir is
-        free (a move that just vacated that name, or a park made after the file arrived). Each hand-back
-        removes one parked entry, so this ends."""
-        if not self.parked:
-            return
-        by_identity = {identity_of(s): s for s in self.host.reg.films.values() if s.inode is not None}
-        for key, (parked, old_film, _) in list(self.parked.items()):
-            state = by_identity.get(key)
-            if state is None or key not in self.parked or os.path.lexists(state.work_dir):
-                continue
-            if not os.path.lexists(parked):
-                del self.parked[key]
-                continue
+        free (:meth:`Parking.due`)."""
+        for key, parked, state in self.parking.due():
             now = time.monotonic()
-            if self.migrate(old_film, state.film, now, identity=key, src_dir=parked) == "moved":
-                self.judge_after_move(old_film, state, self._lib_of(state), now, Trigger.MOVED)
-
-    def _make_room(self, wd: Path, film: Path, identity: Identity | None) -> bool:
-        """``film`` (``identity``) took a name whose work dir ``wd`` holds other results. If their file left
-        the name (deleted, moved, or hiding under a name the scan ignores), park them instead of judging
-        them against the newcomer: they go back to their file if it reappears. False (nothing moved) when
-        their owner is still there (a same-stem twin), when they may be this very file's, or when nothing in
-        them says whose they are. Raises LockBusy while a pipeline holds ``wd``."""
-        reg = self.host.reg
-        ev = read_evidence(wd, film.stem)
-        if ev is None or ev.named is None or (identity is not None and ev.identity == identity):
-            return False
-        if owner_present(reg, ev, wd, film):
-            return False
-        owner = ev.identity
-        if owner is None:  # no commit mark: the file the daemon last saw under the named path, if any
-            owner = next((k for k, v in self.gone.items() if real(v[0]) == ev.named), None)
-        if owner is None:
-            return False
-        try:
-            parked = park_work_dir(wd, owner)
-        except (MigrationError, OSError) as exc:
-            log.warning("park_failed", work_dir=str(wd), error=str(exc))
-            return False
-        self.parked[owner] = (parked, Path(ev.named), time.monotonic())
-        reg.orphans.pop(wd, None)
-        reg.orphans.setdefault(parked, time.time())
-        reg.counters["parked"] += 1
-        log.info("parked", work_dir=str(wd), parked=str(parked), results_of=ev.named, film=str(film),
-                 reason="the file that made them left the name")
-        return True
+            if self.migrate(parked.named, state.film, now, identity=key, src_dir=parked.place) is Migration.MOVED:
+                self.judge_after_move(parked.named, state, self._lib_of(state), now, Trigger.MOVED)
 
     def park_for_hiding(self, state: FilmState) -> None:
-        """A new file landed on a name whose work dir holds the results of a film that is hiding under an
-        ignored name (``mv A.mkv .swap; mv B.mkv A.mkv`` seen as a creation: B came from another root).
-        Park them for their file's return instead of judging them against the newcomer."""
-        if not (self.hiding or self.pending) or not os.path.lexists(state.work_dir):
+        """A newcomer on a name whose results are a hiding (or moving) film's: park them for that film
+        (:meth:`Parking.for_newcomer`); a pipeline writing them is retried before this film is judged."""
+        if not (self.parking.hiding or self.pending):
             return
-        ev = read_evidence(state.work_dir, state.film.stem)
-        if ev is None or ev.named is None:
-            return
-        owner = ev.identity or next((k for k, v in self.gone.items() if real(v[0]) == ev.named), None)
-        # Still hiding, or moved on from there (its next move may still be queued, or waiting for a lock to
-        # carry these very results): either way they are no newcomer's. A hidden file seen deleted is
-        # forgotten (``path_gone``).
-        if owner is None or owner == identity_of(state):
-            return
-        if owner not in self.hiding and not any(m.identity == owner for m in self.pending.values()):
-            return
-        try:
-            if self._make_room(state.work_dir, state.film, identity_of(state)):
-                self._return_parked()
-        except LockBusy:
-            return  # a pipeline is writing them: retried (deferred) before this film is judged
+        if self.parking.for_newcomer(state, lambda owner: any(m.identity == owner for m in self.pending.values())):
+            self._return_parked()
 
     # ----------------------------------------------------------------- films arriving
     def _follow_to_twin(self, gone: FilmState) -> bool:
         """The vanished film already reappeared elsewhere (same inode and stamp, no work dir there yet):
         carry its work dir to it. True if it did."""
         now = time.monotonic()
-        twin = self.fresh.pop((gone.device or 0, gone.inode or 0), None)
-        if twin is None or twin[1] != gone.stamp or now - twin[2] >= GONE_MEMORY_S:
-            return False
-        state = self.host.reg.films.get(twin[0])
+        assert gone.stamp is not None, "only a film that was looked at is remembered"
+        twin = self.seen.arrival_of((gone.device or 0, gone.inode or 0), gone.stamp, now)
+        state = self.host.reg.films.get(twin) if twin is not None else None
         if state is None or os.path.lexists(state.work_dir) or not os.path.lexists(gone.work_dir):
             return False
         return self._carry(gone.film, state, now, identity=identity_of(gone))
@@ -602,25 +528,22 @@ class Moves:
         """A new film that is a recently vanished one (same device and inode, same stamp): a move across
         watches. Carry its work dir along."""
         key = (state.device or 0, state.inode or 0)
-        gone = self.gone.pop(key, None)
-        parked = self.parked.pop(key, None)
         now = time.monotonic()
-        self.gone = {k: v for k, v in self.gone.items() if now - v[2] < GONE_MEMORY_S}
-        self.fresh = {k: v for k, v in self.fresh.items() if now - v[2] < GONE_MEMORY_S}
-        self.hiding.pop(key, None)
-        self.hiding = {k: v for k, v in self.hiding.items() if now - v[1] < GONE_MEMORY_S}
+        gone = self.seen.departure_of(key, now)
+        parked = self.parking.take(key)
+        self.parking.reappeared(key, now)
         # Its results were parked when another film took its old name: hand them back.
-        if parked is not None and os.path.lexists(parked[0]) and self._carry(
-                parked[1], state, now, identity=key, src_dir=parked[0]):
+        if parked is not None and os.path.lexists(parked.place) and self._carry(
+                parked.named, state, now, identity=key, src_dir=parked.place):
             return True
-        if gone is not None and gone[1] == state.stamp and os.path.lexists(WorkDir.for_film(gone[0]).path) \
-                and self._carry(gone[0], state, now, identity=key):
+        if gone is not None and gone.stamp == state.stamp and os.path.lexists(WorkDir.for_film(gone.path).path) \
+                and self._carry(gone.path, state, now, identity=key):
             return True
         # No usable memory (or a stale one: the same file moved on again since): the work dir may have
         # travelled with the film's folder, or may still follow when the old path's deletion arrives.
         self.park_for_hiding(state)
         if state.stamp is not None and not os.path.lexists(state.work_dir):
-            self.fresh[key] = (state.film, state.stamp, now)
+            self.seen.arrived(key, state.film, state.stamp, now)
             return False
         return self.adopt_travelled_work_dir(state, now)
 
@@ -641,6 +564,7 @@ class Moves:
 __all__ = [
     "GONE_MEMORY_S",
     "UNCONFIRMED_WAIT_S",
+    "Migration",
     "MoveHost",
     "Moves",
     "PendingMove",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cinecut import __version__
+from cinecut.evidence import Verification
 from cinecut.inference.cache import CacheMetadata, CacheState, read_cache_metadata
 from cinecut.inference.salvage import read_salvage
 from cinecut.locks import is_work_dir_locked
@@ -61,14 +62,15 @@ def status(reg: Registry, health: Health, config: Config) -> dict[str, Any]:
             "stale_fixed": sum(1 for s in films if s.stale_fixed),
             "orphaned": len(reg.orphans),
             "conflicts": len(reg.conflicts),
-            "unverified": sum(1 for s in films if s.verification == "unverified"),
+            "unverified": sum(1 for s in films if s.verification == Verification.UNVERIFIED),
             "copying": sum(1 for s in films if not s.settled(now, settle)),
             "blocked": sum(1 for f in health.blocked if f in reg.films),
         },
         "conflicts": [{"work_dir": str(w), "films": [str(f) for f in fs]} for w, fs in reg.conflicts.items()],
         "orphans": [{"work_dir": str(w), "since": t} for w, t in sorted(reg.orphans.items())],
         "pending": [
-            {"film": str(s.film), "reason": s.pending, "since": s.pending_since} for s in films if s.pending
+            {"film": str(s.film), "reason": s.pending.trigger, "since": s.pending.since}
+            for s in films if s.pending is not None
         ],
         "unreadable": [{"path": p, "reason": r} for p, r in reg.unreadable[:50]],
         "recent_invalidations": list(reg.recent)[:20],
@@ -111,7 +113,7 @@ def film_status(state: FilmState, health: Health) -> dict[str, Any]:
         "stages_complete": ck.checkpoint.stages_complete if ck.checkpoint else [],
         "subtitles": [str(s) for s in state.subtitles],
         "last_event": {"kind": state.last_event[0], "at": state.last_event[1]} if state.last_event else None,
-        "pending": {"reason": state.pending, "since": state.pending_since} if state.pending else None,
+        "pending": {"reason": state.pending.trigger, "since": state.pending.since} if state.pending else None,
         "locked": is_work_dir_locked(wd.path) if os.path.isdir(wd.path) else False,
         "conflict": state.conflict,
         "refused": state.refused,

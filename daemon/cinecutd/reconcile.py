@@ -25,8 +25,9 @@ import structlog
 from cinecut import faults
 from cinecut.locks import LockBusy
 from cinecut.workdir import is_work_dir_name, stem_of_work_dir, subtitle_stems
-from cinecutd.discovery import ScanResult, iter_scan_root, subtitles_of
+from cinecutd.discovery import Known, ScanResult, iter_scan_root, subtitles_of
 from cinecutd.gc import collect_orphans
+from cinecutd.judged import Mounts
 from cinecutd.migrate import JOURNAL_NAME, MigrationError, resume_migration
 from cinecutd.registry import FilmState, RootState
 from cinecutd.states import RootStatus
@@ -131,12 +132,15 @@ def _steps(rec: Reconciler, job: ReconcileJob, reason: str) -> Iterator[None]:
     eng = rec.host
     reg = eng.reg
     reg.counters["rescans"] += 1
-    found: dict[Path, tuple[LibraryConfig, tuple[Path, ...]]] = {}
+    found: dict[Path, tuple[LibraryConfig, dict[Path, tuple[Path, ...]]]] = {}  # root -> films and subtitles
     work_dirs: set[Path] = set()
     scanned_roots: set[Path] = set()
     unreadable: list[tuple[str, str]] = []
+    known: dict[Path, Known] = {}  # what this scan learns of each root's names: the next scan's
+    new_work_dirs: set[Path] = set()
     for lib in list(eng.libraries):
-        res = ScanResult(lib.path)
+        res = ScanResult(lib.path, known=rec.known.get(lib.path),
+                         learned=Known.fresh(lib.video_extensions, lib.subtitle_extensions))
         yield from iter_scan_root(lib.path, lib.video_extensions, lib.subtitle_extensions, res)
         root_state = reg.roots.setdefault(lib.path, RootState(lib.path, lib.watch))
         if res.missing:
@@ -146,6 +150,8 @@ def _steps(rec: Reconciler, job: ReconcileJob, reason: str) -> Iterator[None]:
             continue
         rec.root_scanned(root_state)
         scanned_roots.add(lib.path)
+        if res.learned is not None:
+            known[lib.path] = res.learned
         root_state.films = len(res.films)
         unreadable.extend((str(path), why) for path, why in res.unreadable)
         for loop in res.loops:
@@ -153,12 +159,17 @@ def _steps(rec: Reconciler, job: ReconcileJob, reason: str) -> Iterator[None]:
                 rec.loops_warned.add(loop)
                 log.warning("folder_loop", folder=str(loop),
                             detail="already scanned under another path (a bind mount of an ancestor?); skipped")
-        for film, subs in res.films.items():
-            found[film] = (lib, subs)
+        found[lib.path] = (lib, res.films)
         work_dirs |= res.work_dirs
+        new_work_dirs |= res.new_work_dirs
+    rec.known = known
     reg.unreadable = unreadable
-    # Finish migrations a crash interrupted before trusting any work dir.
-    for wd in [w for w in work_dirs if os.path.lexists(f"{w}/{JOURNAL_NAME}")]:
+    # Finish migrations a crash interrupted before trusting any work dir. Journals are only ever written
+    # by a migration, into a work dir at a new place: a work dir the last scan saw at this path with this
+    # inode and no journal is not looked at again (one ``lstat`` less per film).
+    rec.journaled &= work_dirs
+    for wd in [w for w in new_work_dirs | rec.journaled if os.path.lexists(f"{w}/{JOURNAL_NAME}")]:
+        rec.journaled.add(wd)  # looked at again by every rescan until it is resumed
         yield
         try:
             rep = resume_migration(wd, within=lambda f: eng.library_for(f) is not None)
@@ -168,6 +179,7 @@ def _steps(rec: Reconciler, job: ReconcileJob, reason: str) -> Iterator[None]:
             log.warning("migration_resume_failed", work_dir=str(wd), error=str(exc))
             reg.counters["errors"] += 1
             continue
+        rec.journaled.discard(wd)
         if rep is not None:
             log.info("migration_resumed", film=rep.new_film, work_dir=rep.new_work_dir)
             work_dirs.discard(wd)
@@ -179,7 +191,7 @@ def _steps(rec: Reconciler, job: ReconcileJob, reason: str) -> Iterator[None]:
             yield
     # Register what the scan found; a film an event touched meanwhile is looked at afresh.
     states: list[FilmState] = []
-    for i, (film, (lib, subs)) in enumerate(found.items()):
+    for i, (lib, film, subs) in enumerate((lib, f, s) for lib, films in found.values() for f, s in films.items()):
         if i % BATCH == 0:
             yield
         if job.touched(film):
@@ -189,10 +201,16 @@ def _steps(rec: Reconciler, job: ReconcileJob, reason: str) -> Iterator[None]:
         state = reg.films.get(film)
         if state is None:
             state = rec.intake.register(film, lib, subs)
+            learned = known.get(lib.path)
+            seen = learned.work_dirs.get(str(state.work_dir)) if learned is not None else None
+            if learned is not None and seen is not None:
+                # The next scan hands out the registry's own path: claims are then found by identity.
+                learned.work_dirs[str(state.work_dir)] = (state.work_dir, seen[1])
         state.subtitles = subs
         states.append(state)
     # Films the scan did not find are gone, unless an event brought them in meanwhile.
-    gone = [f for f, s in reg.films.items() if s.root in scanned_roots and f not in found and not job.touched(f)]
+    gone = [f for f, s in reg.films.items()
+            if s.root in scanned_roots and f not in found[s.root][1] and not job.touched(f)]
     for i, film in enumerate(gone):
         if i % BATCH == 0:
             yield
@@ -211,6 +229,7 @@ def _steps(rec: Reconciler, job: ReconcileJob, reason: str) -> Iterator[None]:
             yield
             rec.adopt_orphans(homeless, orphaned, work_dirs)
     # Judge each film, one per step; a film an event touched meanwhile gets its subtitles listed again.
+    mounts = Mounts()
     for state in states:
         yield
         if reg.films.get(state.film) is not state:
@@ -220,7 +239,7 @@ def _steps(rec: Reconciler, job: ReconcileJob, reason: str) -> Iterator[None]:
             if lib is None:
                 continue
             state.subtitles = subtitles_of(state.film, lib.subtitle_extensions)
-        rec.reconcile_film(state, t0)
+        rec.reconcile_film(state, t0, mounts)
     yield
     orphans: dict[Path, float] = {}
     for wd in work_dirs | {w for w in reg.orphans if job.touched_work_dir(w)}:
@@ -233,7 +252,7 @@ def _steps(rec: Reconciler, job: ReconcileJob, reason: str) -> Iterator[None]:
     elapsed = time.monotonic() - t0
     summary = {
         "reason": reason,
-        "films": len(found),
+        "films": sum(len(films) for _, films in found.values()),
         "orphans": len(reg.orphans),
         "conflicts": len(reg.conflicts),
         "duration_s": round(elapsed, 4),

@@ -19,14 +19,17 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
+from cinecut.evidence import Verification
 from cinecut.ownership import Identity
 from cinecut.revalidate import probe
 from cinecut.stamp import SourceStamp
 from cinecut.stamps import read_stamps
 from cinecut.workdir import WorkDir
 from cinecutd.config import Config, LibraryConfig
+from cinecutd.discovery import Known
 from cinecutd.health import Health, access_problems
 from cinecutd.judge import Judge, note_verification, owns_work_dir
+from cinecutd.judged import Mounts, remember, snapshot, unchanged
 from cinecutd.migrate import is_parked_name
 from cinecutd.moves import Moves
 from cinecutd.queries import cache_validity
@@ -74,6 +77,9 @@ class Reconciler:
         self._periodic_at: float | None = None
         self._armed: set[float] = set()
         self.loops_warned: set[Path] = set()
+        #: What the last rescan learned of each root's names: the next one reuses it (ScanResult.known).
+        self.known: dict[Path, Known] = {}
+        self.journaled: set[Path] = set()  # work dirs holding a migration journal not yet resumed
         self.schedule_periodic()
 
     # ----------------------------------------------------------------- when rescans run
@@ -205,13 +211,22 @@ class Reconciler:
         if removed:
             self.host.reg.counters["temp_files_removed"] += removed
 
-    def reconcile_film(self, state: FilmState, t0: float) -> None:
+    def reconcile_film(self, state: FilmState, t0: float, mounts: Mounts | None = None) -> None:
         """The per-film decision of a rescan: judge a film the probe doubts (or a blocked one), else note
-        its cache state from the probe alone."""
+        its cache state from the probe alone. A film whose every input is, by stat, what its last
+        judgement read is not judged again (:mod:`cinecutd.judged`)."""
+        mounts = mounts if mounts is not None else Mounts()
+        trusted = self._may_trust(state)
+        if state.judged is not None:
+            if trusted and unchanged(state.judged, state, mounts):
+                return
+            state.judged = None
         try:
             st = os.stat(state.film)
         except OSError:
             return
+        # Taken before the probe reads anything: a change made while it reads shows at the next rescan.
+        inputs = snapshot(state, st, mounts) if trusted else None
         stamp = SourceStamp.from_stat(st)
         if stamp != state.stamp:
             state.last_change = time.monotonic() if state.stamp is not None else state.last_change
@@ -232,6 +247,16 @@ class Reconciler:
             # Upstream files it cannot read (or a work dir it cannot write): judged in full, and shown as
             # blocked before any change comes.
             self.judge.revalidate(state, t0, Trigger.RESCAN)
+            return
+        if p.self_contained:
+            witness = p.verification not in (Verification.RECORDED, Verification.CACHE, Verification.NOTHING)
+            state.judged = remember(inputs, proxy_witness=witness)
+
+    def _may_trust(self, state: FilmState) -> bool:
+        """A film in the middle of something (a twin, a judgement waiting for a lock, a burst, a refusal,
+        a blocked film retried at every rescan) is judged in full, never from a memo."""
+        return not (state.conflict or state.pending is not None or state.settle_due is not None
+                    or state.refused is not None or state.film in self.host.health.blocked)
 
     def adopt_orphans(self, homeless: list[FilmState], orphaned: set[Path], work_dirs: set[Path]) -> None:
         """Films renamed or moved while nobody watched: an orphaned work dir whose stamps sidecar records

@@ -10,12 +10,17 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cinecut.evidence import Verification
 from cinecut.inference.cache import CacheState
 from cinecut.stamp import SourceStamp
 from cinecut.stamps import InputStamps
 from cinecut.workdir import WorkDir
+from cinecutd.states import Deferral, RootStatus
+
+if TYPE_CHECKING:
+    from cinecutd.judged import Judged
 
 
 @dataclass(slots=True)
@@ -34,17 +39,16 @@ class FilmState:
     has_work_dir: bool = False
     last_event: tuple[str, float] | None = None  # (kind, wall time)
     last_change: float = 0.0  # monotonic time the stamp last moved
-    cleared: bool = False  # invalidated while its stamp is still moving: later events cost O(1)
     settle_due: float | None = None  # monotonic deadline of the final revalidation after a burst
-    pending: str | None = None  # invalidation waiting for a pipeline's lock
-    pending_since: float | None = None
+    pending: Deferral | None = None  # a judgement waiting for a pipeline's lock (its trigger, since when)
     stale_fixed: int = 0
     conflict: bool = False
     refused: str | None = None
-    verification: str | None = None  # what proves its stages' film: recorded | cache | proxy | unverified | nothing
+    verification: Verification | None = None  # what proves its stages' film: recorded | cache | proxy | unverified | nothing
     baseline: InputStamps | None = None  # stamps first seen of a work dir without our sidecar (detects, never certifies)
     wd: WorkDir | None = None
     folder: Path | None = None  # film.parent, computed once (pathlib objects are costly at 10,000 films)
+    judged: Judged | None = None  # its last judgement that found nothing to do, and its inputs' stats
 
     def __post_init__(self) -> None:
         if self.wd is None:
@@ -60,7 +64,7 @@ class FilmState:
 class RootState:
     path: Path
     watch: str
-    state: str = "starting"  # watching | poll-fallback | degraded (a watch died; detail says why) | missing | unreadable
+    state: RootStatus = RootStatus.STARTING  # degraded: a watch died (detail says why)
     films: int = 0
     detail: str = ""
 

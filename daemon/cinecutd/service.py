@@ -30,7 +30,7 @@ from cinecutd.instance import EX_ALREADY_RUNNING, AlreadyRunning, take_instance_
 from cinecutd.logs import configure_logging
 from cinecutd.memory import trim_heap
 from cinecutd.sdnotify import Notifier
-from cinecutd.states import RootStatus
+from cinecutd.states import RootStatus, WatchMode
 from cinecutd.watcher import Watchers
 from cinecutd.webhook import WebhookDown, WebhookReceiver, start_receiver
 
@@ -123,7 +123,7 @@ class Daemon:
                     if lib is None or path.parent != Path(os.path.normpath(path.parent)):
                         raise ControlError("not_found", f"{cookie} is not inside a watched library")
                     root = eng.reg.roots.get(lib.path)
-                    polled = (root.watch if root is not None else lib.watch) == "poll"
+                    polled = (root.watch if root is not None else lib.watch) == WatchMode.POLL
                     eng.cookies.wait(path, lib.path, polled, asked, lambda result: done(result, None))
 
                 eng.submit(register, lambda _r, error: error is not None and done(None, error))

@@ -12,11 +12,12 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from cinecutd.registry import FilmState
+if TYPE_CHECKING:
+    from cinecutd.registry import FilmState
 
 log = structlog.get_logger("cinecutd")
 
@@ -33,6 +34,14 @@ class RootStatus(enum.StrEnum):
     UNREADABLE = "unreadable"
 
 
+class WatchMode(enum.StrEnum):
+    """How a root is watched: the configured ``watch``, or polling in place of a failed inotify watch."""
+
+    INOTIFY = "inotify"
+    POLL = "poll"
+    POLL_FALLBACK = "poll-fallback"  # inotify was configured, but its limit was reached or its watch died
+
+
 class EventKind(enum.StrEnum):
     """What a watcher (or a hint) reported about a path."""
 
@@ -45,6 +54,7 @@ class EventKind(enum.StrEnum):
     RESYNC = "resync"
     POLLED = "polled"
     REPLACED = "replaced"  # a film's name got another file (a rename onto it)
+    ATTRIB = "attrib"  # a bare mtime or mode change (watchdog >= 5 reports it on its own)
 
 
 class Trigger(enum.StrEnum):
@@ -56,6 +66,17 @@ class Trigger(enum.StrEnum):
     RESCAN = "rescan"
     RETRY = "retry"  # a blocked film's backoff came due
     PREWARMED = "prewarmed"  # a pre-warm run finished
+
+
+@dataclass(frozen=True, slots=True)
+class Deferral:
+    """A film's judgement waiting for a pipeline's lock (``FilmState.pending``; None while nothing waits).
+
+    Its presence is the flag (the film is not judged, pre-warm leaves it alone); ``trigger`` is the reason,
+    replayed as the judgement's trigger once the lock is gone."""
+
+    trigger: str  # a Trigger or EventKind value, or "subtitle <kind>"
+    since: float  # wall time the judgement was first deferred
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,4 +123,4 @@ class Bus:
                 log.error("subscriber_failed", event=type(event).__name__, error=repr(exc))
 
 
-__all__ = ["Bus", "EventKind", "FilmJudged", "Reconciled", "RootChanged", "RootStatus", "Trigger"]
+__all__ = ["Bus", "Deferral", "EventKind", "FilmJudged", "Reconciled", "RootChanged", "RootStatus", "Trigger", "WatchMode"]

@@ -54,10 +54,12 @@ except ImportError:  # older watchdog reports IN_ATTRIB as "modified"
 from cinecut.workdir import in_work_dir, is_work_dir_name
 from cinecutd.config import LibraryConfig
 from cinecutd.engine import Engine
+from cinecutd.states import EventKind, RootChanged, RootStatus, WatchMode
 
 log = structlog.get_logger("cinecutd")
 
-_FORWARDED = {"created", "modified", "attrib", "closed", "moved", "deleted"}
+_FORWARDED = frozenset({EventKind.CREATED, EventKind.MODIFIED, EventKind.ATTRIB, EventKind.CLOSED, EventKind.MOVED,
+                        EventKind.DELETED})
 #: How long watchdog holds an IN_MOVED_FROM to pair it with its IN_MOVED_TO. Its default (0.5 s) is slept
 #: in full even when the pair completes at once, and every event queued behind it waits too: each rename
 #: in a root (Radarr's upgrade, rsync, atomic writers, our own checkpoint writes) would delay invalidation
@@ -98,7 +100,7 @@ INOTIFY_LIMIT_HINT = (
 class _PollDone(FileSystemEvent):
     """Queued by a polling emitter after each complete poll, behind that poll's events."""
 
-    event_type = "polled"
+    event_type = EventKind.POLLED
 
     def __init__(self, root: str, started: float) -> None:
         super().__init__(root)
@@ -119,13 +121,13 @@ class _Forwarder(FileSystemEventHandler):
         kind = event.event_type
         if kind not in _FORWARDED:
             if isinstance(event, _PollDone):  # after that poll's events: what `sync` waits for (cinecutd.cookies)
-                self.engine.post_event("polled", os.fsdecode(event.src_path), repr(event.started))
+                self.engine.post_event(EventKind.POLLED, os.fsdecode(event.src_path), repr(event.started))
             return
         src = os.fsdecode(event.src_path)
         dest = os.fsdecode(event.dest_path) if getattr(event, "dest_path", "") else None
         if in_work_dir(src, self.root) and (dest is None or in_work_dir(dest, self.root)):
             return
-        if event.is_directory and kind == "modified":
+        if event.is_directory and kind == EventKind.MODIFIED:
             return
         self.engine.post_event(kind, src, dest, event.is_directory)
 
@@ -253,14 +255,14 @@ class _OverflowHook(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if "overflow" in record.getMessage().lower():
-            self.engine.post_event("overflow", "", None, False)
+            self.engine.post_event(EventKind.OVERFLOW, "", None, False)
 
 
 @dataclass(slots=True)
 class _Watch:
     library: LibraryConfig
     observer: Any
-    mode: str  # inotify | poll | poll-fallback
+    mode: WatchMode
     failures: list[float] = field(default_factory=list)  # monotonic times this root's watch died
 
 
@@ -268,7 +270,7 @@ class _Watch:
 MAX_INOTIFY_RESTARTS = 1
 FAILURE_WINDOW_S = 600.0
 #: Root states in which a root is being watched (``degraded``: a watch died and was replaced).
-WATCHED_STATES = ("watching", "poll-fallback", "degraded")
+WATCHED_STATES = frozenset({RootStatus.WATCHING, RootStatus.POLL_FALLBACK, RootStatus.DEGRADED})
 
 
 def _shorten_move_pairing() -> None:
@@ -328,8 +330,20 @@ class Watchers:
         for root, w in self._watches.items():
             state = self.engine.reg.roots.get(root)
             if state is not None and state.state not in WATCHED_STATES:
-                state.state = "poll-fallback" if w.mode == "poll-fallback" else "watching"
-                state.watch = "inotify" if w.mode == "inotify" else "poll"
+                self._status(root, RootStatus.POLL_FALLBACK if w.mode is WatchMode.POLL_FALLBACK else RootStatus.WATCHING)
+                state.watch = WatchMode.INOTIFY if w.mode is WatchMode.INOTIFY else WatchMode.POLL
+
+    def _status(self, root: Path, status: RootStatus, detail: str | None = None) -> None:
+        """The one place a watch sets its root's status: watching, polling, degraded or unreadable (a rescan
+        owns missing and pending-watch, :class:`cinecutd.reconciler.Reconciler`). A change is announced."""
+        state = self.engine.reg.roots.get(root)
+        if state is None:
+            return
+        was, state.state = state.state, status
+        if detail is not None:
+            state.detail = detail
+        if was != status:
+            self.engine.bus.publish(RootChanged(root, status))
 
     def check(self) -> None:
         """Replace every watch whose threads died (cheap: a few ``is_alive`` per root; called by the loop)."""
@@ -357,22 +371,22 @@ class Watchers:
         failures = [t for t in self._failures.get(root, []) if now - t < FAILURE_WINDOW_S] + [now]
         self._failures[root] = failures
         self._stop(root)
-        poll = w.mode != "inotify" or len(failures) > MAX_INOTIFY_RESTARTS
-        action = "polling instead" if poll and w.mode == "inotify" else "watch restarted"
-        log.error("watch_failed", root=str(root), mode=w.mode, error=why, action=action)
+        poll = w.mode is not WatchMode.INOTIFY or len(failures) > MAX_INOTIFY_RESTARTS
+        action = "polling instead" if poll and w.mode is WatchMode.INOTIFY else "watch restarted"
+        log.error("watch_failed", root=str(root), mode=str(w.mode), error=why, action=action)
         self._start(w.library, force_poll=poll)
-        state = self.engine.reg.roots.get(root)
-        if state is not None and root in self._watches:
-            state.state = "degraded"
-            state.detail = f"the {w.mode} watch failed ({why}); {action}"
+        if root in self._watches:
+            self._status(root, RootStatus.DEGRADED, f"the {w.mode} watch failed ({why}); {action}")
         # Events may have been lost while the watch was dead: look at the root again.
-        self.engine.post_event("resync", str(root), None, True)
+        self.engine.post_event(EventKind.RESYNC, str(root), None, True)
 
     def _start(self, lib: LibraryConfig, *, force_poll: bool = False) -> None:
         state = self.engine.reg.roots.get(lib.path)
-        mode = "poll-fallback" if force_poll and lib.watch == "inotify" else lib.watch
+        mode = WatchMode(lib.watch)
+        if force_poll and mode is WatchMode.INOTIFY:
+            mode = WatchMode.POLL_FALLBACK
         observer: Any = None
-        if mode == "inotify":
+        if mode is WatchMode.INOTIFY:
             try:
                 observer = inotify_pruned.PrunedInotifyObserver() if inotify_pruned.AVAILABLE else Observer()
                 _schedule(observer, _Forwarder(self.engine, str(lib.path)), str(lib.path))
@@ -385,20 +399,18 @@ class Watchers:
                 observer = None
                 if exc.errno in (errno.ENOSPC, errno.EMFILE):
                     log.warning("inotify_limit", root=str(lib.path), detail=INOTIFY_LIMIT_HINT)
-                    mode = "poll-fallback"
+                    mode = WatchMode.POLL_FALLBACK
                 else:
                     log.error("watch_failed", root=str(lib.path), error=str(exc))
-                    if state is not None:
-                        state.state, state.detail = "unreadable", str(exc)
+                    self._status(lib.path, RootStatus.UNREADABLE, str(exc))
                     return
             except Exception as exc:  # a bug in the watch code (an old watchdog's recursive walk): poll
                 _stop_quietly(observer)
                 observer = None
                 log.error("watch_failed", root=str(lib.path), mode="inotify", error=_describe(exc),
                           action="polling instead")
-                mode = "poll-fallback"
-                if state is not None:
-                    state.state, state.detail = "degraded", f"the inotify watch failed ({_describe(exc)}); polling"
+                mode = WatchMode.POLL_FALLBACK
+                self._status(lib.path, RootStatus.DEGRADED, f"the inotify watch failed ({_describe(exc)}); polling")
         if observer is None:
             observer = PollingObserver(
                 _poll_stat(os.path.normpath(lib.path)), _filtered_scandir, polling_interval=lib.poll_interval
@@ -409,16 +421,16 @@ class Watchers:
             except Exception as exc:  # the first snapshot failed (root unreadable or gone meanwhile)
                 _stop_quietly(observer)
                 log.error("watch_failed", root=str(lib.path), error=_describe(exc))
-                if state is not None:
-                    state.state, state.detail = "unreadable", str(exc)
+                self._status(lib.path, RootStatus.UNREADABLE, str(exc))
                 return
         self._watches[lib.path] = _Watch(lib, observer, mode)
         if state is not None:
-            state.watch = "poll" if mode != "inotify" else "inotify"
-            if state.state != "degraded":
-                state.state = "poll-fallback" if mode == "poll-fallback" else "watching"
-                state.detail = INOTIFY_LIMIT_HINT if mode == "poll-fallback" else ""
-        log.info("watching", root=str(lib.path), mode=mode)
+            state.watch = WatchMode.POLL if mode is not WatchMode.INOTIFY else WatchMode.INOTIFY
+            if state.state != RootStatus.DEGRADED:
+                fallback = mode is WatchMode.POLL_FALLBACK
+                self._status(lib.path, RootStatus.POLL_FALLBACK if fallback else RootStatus.WATCHING,
+                             INOTIFY_LIMIT_HINT if fallback else "")
+        log.info("watching", root=str(lib.path), mode=str(mode))
 
     def restart(self, root: Path) -> None:
         """Drop a root's observer; the next :meth:`ensure` watches it afresh (after a mount change)."""

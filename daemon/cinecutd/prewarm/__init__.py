@@ -1,10 +1,12 @@
 """Pre-warming SceneDescription caches: the queue, the overnight window, the VRAM check and the
 supervised worker process.
 
-``scheduler`` decides which film runs when; ``supervisor`` runs one ``python -m cinecut.worker`` child
-and turns its exit into an outcome; ``vram`` decides GPU, CPU or wait; ``probe`` asks the worker's
-interpreter whether llama.cpp can offload; ``jobqueue`` orders films; ``writers`` tells whether a film is
-still open for writing.
+``scheduler`` composes one owner per question: ``backlog`` (which film next; ``jobqueue`` orders),
+``gate`` (may a job run now), ``placement`` (GPU, CPU or wait; ``vram``, ``probe``), ``localjob`` (the
+running ``python -m cinecut.worker`` child, run by ``supervisor``, and what became of it), ``ledger``
+(outcomes and failures, local and remote alike), ``report`` (status); ``remote`` and its ``remote_*``
+modules run the same films on other hosts through RQ. ``writers`` tells whether a film is still open
+for writing.
 """
 
 from cinecutd.prewarm.scheduler import PrewarmScheduler

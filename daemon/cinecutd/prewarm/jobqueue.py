@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cinecut.inference.cache import CacheState
 from cinecut.stamp import SourceStamp
 from cinecutd.registry import FilmState
 
@@ -48,7 +49,7 @@ def why_not(
     """None if the film should be pre-warmed now, else a short reason ("warm", "settling", ...)."""
     if state.stamp is None:
         return "unreadable"
-    if state.cache == "valid":
+    if state.cache == CacheState.VALID:
         return "warm"
     if state.conflict:
         return "same-stem conflict"
@@ -93,7 +94,7 @@ def next_settle(states: Iterable[FilmState], now: float, settle_seconds: float) 
     """
     best: float | None = None
     for s in states:
-        if s.cache == "valid" or s.stamp is None:
+        if s.cache == CacheState.VALID or s.stamp is None:
             continue
         due = s.last_change + settle_seconds
         if due <= now:

@@ -1,0 +1,244 @@
+"""Warm rescans in-process: a film whose every input is, by stat, what its last judgement read is not
+judged again (no work-dir file is opened), and no change of any input hides behind that shortcut.
+
+Each change below is made with no event posted, so the rescan is the only thing that can find it, and
+most are made so that size and mtime stay what they were (restored with ``os.utime``): only the ctime, the
+inode or the presence of a file tells. The racy-timestamp margin is made small here (the library is built
+moments before), and the test waits, by polling the files' ctimes, until it has passed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cinecut.inference.cache import CacheState
+from cinecut.stamps import read_stamps
+from cinecut.workdir import CHECKPOINT_NAME, STAMPS_NAME, WORK_DIR_SUFFIX
+from cinecutd import judged
+from cinecutd.config import load_config
+from cinecutd.engine import Engine
+from tests.harness.checks import subtitles_invalidated, video_invalidated, warm
+from tests.harness.films import Film, build_work_dir, make_film
+from tests.harness.mutate import new_content
+
+MARGIN_S = 0.05
+
+_opened: list[str] | None = None
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if event == "open" and _opened is not None and isinstance(args[0], str | bytes):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+def opened_during(fn: Any) -> list[str]:
+    """Paths opened (by ``open`` or ``os.open``) while ``fn`` runs."""
+    global _opened
+    _opened = []
+    try:
+        fn()
+        return list(_opened)
+    finally:
+        _opened = None
+
+
+def in_work_dirs(paths: list[str]) -> list[str]:
+    return [p for p in paths if WORK_DIR_SUFFIX in p]
+
+
+@pytest.fixture
+def small_margin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(judged, "RACY_S", MARGIN_S)
+
+
+def wait_until_settled(root: Path, timeout: float = 10.0) -> None:
+    """Poll until every file under ``root`` last changed more than the racy margin ago."""
+    deadline = time.monotonic() + timeout
+    while True:
+        newest = max(os.lstat(os.path.join(d, n)).st_ctime_ns for d, ds, fs in os.walk(root) for n in ds + fs)
+        if time.time_ns() - newest > 2 * MARGIN_S * 1e9:
+            return
+        assert time.monotonic() < deadline, "files keep changing"
+        time.sleep(0.01)
+
+
+def make_engine(tmp_path: Path, root: Path) -> Engine:
+    cfg = tmp_path / "cinecutd.toml"
+    cfg.write_text(
+        f'[daemon]\nrescan_interval = 0\nsettle_seconds = 0.2\nlog_level = "warning"\n'
+        f'[[library]]\npath = "{root}"\n[control]\nsocket = "{tmp_path / "d.sock"}"\n'
+    )
+    return Engine(load_config(cfg))
+
+
+class Library:
+    """Films with our sidecar, films upstream left (no sidecar), a film with no work dir; judged twice so
+    that every film's last judgement is remembered."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "films"
+        self.ours = [self._film(f"Ours {i} (2001)", i, record=True) for i in range(4)]
+        self.upstream = [self._film(f"Upstream {i} (2002)", 10 + i, record=False) for i in range(3)]
+        self.bare = make_film(self.root, "Bare (2003)", trailer=None, size=2048, seed=30)
+        self.engine = make_engine(tmp_path, self.root)
+
+    def _film(self, stem: str, seed: int, *, record: bool) -> Film:
+        film = make_film(self.root, stem, trailer=None, size=2048, seed=seed)
+        build_work_dir(film, frames=2, record_stamps=record)
+        return film
+
+    def warm_up(self) -> None:
+        self.engine.reconcile("startup")
+        wait_until_settled(self.root)
+        self.engine.reconcile("remembered")
+
+    def rescan(self) -> list[str]:
+        return in_work_dirs(opened_during(lambda: self.engine.reconcile("requested")))
+
+    def judged(self, film: Film) -> list[dict[str, Any]]:
+        return [r for r in self.engine.reg.recent if r["film"] == str(film.path)]
+
+
+@pytest.fixture
+def lib(tmp_path: Path, small_margin: None) -> Iterator[Library]:
+    library = Library(tmp_path)
+    library.warm_up()
+    yield library
+
+
+def rewrite_in_place(path: Path, edit: Any) -> None:
+    """Change a file's bytes without changing its size, inode or mtime (only its ctime moves)."""
+    st = os.stat(path)
+    data = path.read_bytes()
+    new = edit(data)
+    assert new != data and len(new) == len(data)
+    with open(path, "r+b") as f:
+        f.write(new)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+# ------------------------------------------------------------------------------------------ the shortcut
+
+
+def test_a_warm_rescan_of_unchanged_films_opens_no_work_dir_file(lib: Library) -> None:
+    opened = lib.rescan()
+    assert opened == [], opened[:5]
+    films = lib.engine.reg.films
+    for film in lib.ours + lib.upstream:
+        assert films[film.path].cache is CacheState.VALID
+        assert warm(film) or film in lib.upstream
+    assert films[lib.bare.path].cache is CacheState.MISSING
+
+
+def test_inputs_changed_within_the_racy_margin_are_not_trusted(tmp_path: Path) -> None:
+    """Built moments ago, with the real margin: every rescan judges in full (a write in the same clock
+    tick as the one read could leave every stat field equal)."""
+    library = Library(tmp_path)
+    library.engine.reconcile("startup")
+    assert library.rescan(), "a film changed within the margin is judged in full"
+
+
+def test_a_memo_is_trusted_for_a_bounded_time(lib: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(judged, "TTL_S", 0.0)
+    assert lib.rescan(), "past its time a memo is not trusted (filesystems that do not keep ctime)"
+
+
+# ------------------------------------------------------------------------------------------ nothing hides
+
+
+def test_a_sidecar_rewritten_in_place_with_its_mtime_restored_is_judged_again(lib: Library) -> None:
+    film = lib.ours[1]
+    pattern = re.compile(rb'("video": \{"mtime": [0-9.e+]+, "size": )2048\}')
+    rewrite_in_place(film.wd.path / STAMPS_NAME, lambda b: pattern.sub(rb"\g<1>2049}", b, count=1))
+    lib.rescan()
+    assert video_invalidated(film), "the sidecar now records another film: everything is reset"
+    assert all(warm(f) for f in lib.ours if f is not film)
+
+
+def test_a_checkpoint_rewritten_in_place_with_its_mtime_restored_is_judged_again(tmp_path: Path,
+                                                                                  small_margin: None) -> None:
+    """Upstream's work dir (no sidecar): its subtitle is newer than its checkpoint, whose stages do not
+    include ``subtitles`` yet; then the same bytes count gains ``subtitles``, mtime kept."""
+    library = Library(tmp_path)
+    film = library.upstream[0]
+    ckpt = film.wd.path / CHECKPOINT_NAME
+    blank = b" " * len(b'"subtitles",')
+    original = ckpt.read_bytes()
+    assert b'"subtitles",' in original
+    ckpt.write_bytes(original.replace(b'"subtitles",', blank, 1))
+    sub_mtime = os.stat(film.subtitles[0]).st_mtime_ns
+    os.utime(ckpt, ns=(sub_mtime - 10**11, sub_mtime - 10**11))
+    library.warm_up()
+    assert not library.judged(film), "no subtitle stage to be stale yet"
+    assert library.rescan() == []
+    rewrite_in_place(ckpt, lambda b: b.replace(blank, b'"subtitles",', 1))
+    library.rescan()
+    records = library.judged(film)
+    assert records and "subtitle" in records[0]["reason"], records
+    assert subtitles_invalidated(film)
+
+
+def test_a_subtitle_replaced_under_its_name_is_judged_again(lib: Library) -> None:
+    film = lib.ours[2]
+    sub = film.subtitles[0]
+    st = os.stat(sub)
+    tmp = sub.with_name(f".{sub.name}.tmp")
+    tmp.write_text("1\n00:00:01,000 --> 00:00:02,000\nAnother line.\n")
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    os.replace(tmp, sub)
+    lib.rescan()
+    assert subtitles_invalidated(film)
+    assert all(warm(f) for f in lib.ours if f is not film)
+
+
+def test_a_deleted_cache_is_noticed(lib: Library) -> None:
+    film = lib.upstream[1]
+    os.unlink(film.wd.cache_path)
+    lib.rescan()
+    assert lib.engine.reg.films[film.path].cache is CacheState.MISSING
+
+
+def test_a_film_replaced_by_a_file_of_the_same_size_and_mtime_is_judged_again(lib: Library) -> None:
+    """Same stamp, new inode: its stages stay (upstream's rule), and the record follows the new file."""
+    film = lib.ours[3]
+    st = os.stat(film.path)
+    tmp = film.path.with_name(f".{film.path.name}.tmp")
+    tmp.write_bytes(new_content(film.path, seed=7, size=st.st_size))
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, film.path)
+    new_ino = os.stat(film.path).st_ino
+    assert new_ino != st.st_ino
+    lib.rescan()
+    rec = read_stamps(film.wd.path)
+    assert rec is not None and rec.inode == new_ino
+
+
+def test_a_work_dir_appearing_for_a_film_without_one_is_noticed(lib: Library) -> None:
+    build_work_dir(lib.bare, frames=2, record_stamps=False)
+    lib.rescan()
+    state = lib.engine.reg.films[lib.bare.path]
+    assert state.has_work_dir and state.cache is CacheState.VALID
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere: a read-only work dir blocks nobody")
+def test_a_work_dir_made_read_only_is_noticed(lib: Library) -> None:
+    film = lib.ours[0]
+    os.chmod(film.wd.path, 0o555)
+    try:
+        lib.rescan()
+        assert film.path in lib.engine.health.blocked
+    finally:
+        os.chmod(film.wd.path, 0o755)
