@@ -11,6 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The in-process engine fixtures (`root`, `make_engine`); a module defining its own takes precedence.
+pytest_plugins = ("tests.harness.inprocess",)
+
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory):

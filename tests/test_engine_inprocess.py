@@ -9,61 +9,16 @@ end to end; these pin down the engine's decisions exactly and fast.
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cinecut.workdir import WorkDir
-from cinecutd.config import load_config
-from cinecutd.engine import Engine
 from tests.harness.checks import video_invalidated, warm, work_state
 from tests.harness.films import Film, make_film_with_work_dir
+from tests.harness.inprocess import post, settle
 from tests.harness.mutate import new_content
-from tests.harness.runner import Library, render_config
-
-
-def settle(engine: Engine, *, limit: float = 5.0) -> None:
-    """Step the engine until nothing is queued, no timer is due and no rescan runs.
-
-    Timers that are due later (a settle delay) are waited for only up to ``limit`` seconds of wall time:
-    the tests use ``settle_seconds = 0`` so every timer the engine sets for them is due at once.
-    """
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        engine.run_once(0)
-        due = engine.next_deadline()
-        if engine.queue.empty() and not engine.rescanning and (due is None or due > time.monotonic() + limit):
-            return
-        if due is not None and due > time.monotonic():
-            time.sleep(min(0.01, due - time.monotonic()))  # a timer a few ms ahead (e.g. a minimum settle)
-    raise AssertionError("the engine did not become idle")
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    p = tmp_path / "films"
-    p.mkdir()
-    return p
-
-
-@pytest.fixture
-def make_engine(tmp_path: Path, root: Path) -> Iterator[Any]:
-    def make() -> Engine:
-        cfg = tmp_path / "cinecutd.toml"
-        cfg.write_text(render_config([Library(root)], socket=tmp_path / "run" / "d.sock", settle_seconds=0))
-        engine = Engine(load_config(cfg))
-        engine.reconcile("startup")
-        settle(engine)
-        return engine
-
-    yield make
-
-
-def post(engine: Engine, kind: str, src: Path, dest: Path | None = None) -> None:
-    engine.post_event(kind, str(src), str(dest) if dest is not None else None)
 
 
 def test_a_replaced_film_is_invalidated(root: Path, make_engine: Any) -> None:

@@ -4,40 +4,17 @@ ones, timers as callbacks. Real files in a temporary library, synthetic watcher 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
-from test_engine_inprocess import post, settle
 
 from cinecutd.config import load_config
 from cinecutd.engine import Engine
 from cinecutd.registry import FilmState
 from tests.harness.checks import video_invalidated, warm
 from tests.harness.films import make_film_with_work_dir
+from tests.harness.inprocess import post, settle
 from tests.harness.mutate import new_content
 from tests.harness.runner import Library, render_config
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    p = tmp_path / "films"
-    p.mkdir()
-    return p
-
-
-@pytest.fixture
-def make_engine(tmp_path: Path, root: Path) -> Iterator[Any]:
-    def make() -> Engine:
-        cfg = tmp_path / "cinecutd.toml"
-        cfg.write_text(render_config([Library(root)], socket=tmp_path / "run" / "d.sock", settle_seconds=0))
-        engine = Engine(load_config(cfg))
-        engine.reconcile("startup")
-        settle(engine)
-        return engine
-
-    yield make
 
 
 def _announced(engine: Any) -> list[Path]:

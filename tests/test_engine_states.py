@@ -6,42 +6,16 @@ its reason (the trigger it replays) apart from the fact that it waits.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from test_engine_inprocess import post, settle
-
 from cinecut.locks import work_dir_lock
-from cinecutd.config import load_config
-from cinecutd.engine import Engine
 from cinecutd.states import RootChanged, RootStatus
 from cinecutd.watcher import Watchers
 from tests.harness.checks import video_invalidated, warm
 from tests.harness.films import make_film_with_work_dir
+from tests.harness.inprocess import post, settle
 from tests.harness.mutate import new_content
-from tests.harness.runner import Library, render_config
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    p = tmp_path / "films"
-    p.mkdir()
-    return p
-
-
-@pytest.fixture
-def make_engine(tmp_path: Path, root: Path) -> Iterator[Any]:
-    def make() -> Engine:
-        cfg = tmp_path / "cinecutd.toml"
-        cfg.write_text(render_config([Library(root)], socket=tmp_path / "run" / "d.sock", settle_seconds=0))
-        engine = Engine(load_config(cfg))
-        engine.reconcile("startup")
-        settle(engine)
-        return engine
-
-    yield make
 
 
 def test_a_watch_announces_each_root_transition_it_owns(root: Path, make_engine: Any) -> None:
