@@ -250,16 +250,16 @@ def run_side(
         if isinstance(obj, ParallelLlavaEngine):
             obj.describe(warm)
             t0 = dict(obj.stats), dict(obj.timings)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             obj.describe_all(timed)
-            elapsed = time.perf_counter() - started
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
             per_frame_tokens = (obj.stats["tokens"] - t0[0]["tokens"]) / len(timed)
             parts = {k: round(v - t0[1][k], 3) for k, v in obj.timings.items()}
         else:
             one(warm)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             counts = [one(f) for f in timed]
-            elapsed = time.perf_counter() - started
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
             per_frame_tokens = sum(counts) / len(counts)
             parts = {}
         used = vram.used_mib()
@@ -272,6 +272,9 @@ def run_side(
         "side": name,
         "frames": len(timed),
         "seconds": round(elapsed, 2),
+        # CPU seconds this process spent per frame (all its threads): the work, whatever else the
+        # machine ran meanwhile; with --threads 1 free of llama.cpp's spinning thread barriers.
+        "cpu_s_per_frame": round(cpu / len(timed), 3),
         "frames_per_s": round(fps, 4),
         "tokens_per_frame": round(per_frame_tokens, 1),
         "films_per_night": round(fps * WINDOW_H * 3600 / FILM_KEYFRAMES, 2),
@@ -373,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(
         f"pre-warm throughput, {args.size} model, {args.tokens} tokens/frame "
         f"({WINDOW_H:g} h window, {FILM_KEYFRAMES} keyframes per film)",
-        ["side", "frames/s", "x upstream", "tokens/frame", "films/night", "VRAM MiB", "image s", "prefill s", "steps s"],
-        [[r["side"], r["frames_per_s"], r["x_upstream"], r["tokens_per_frame"], r["films_per_night"],
+        ["side", "frames/s", "x upstream", "CPU s/frame", "tokens/frame", "films/night", "VRAM MiB", "image s", "prefill s", "steps s"],
+        [[r["side"], r["frames_per_s"], r["x_upstream"], r["cpu_s_per_frame"], r["tokens_per_frame"], r["films_per_night"],
           r["vram_used_mib"] if r["vram_used_mib"] is not None else "-",
           r["parts_s"].get("image_s", "-"), r["parts_s"].get("prefill_s", "-"), r["parts_s"].get("step_s", "-")]
          for r in rows],

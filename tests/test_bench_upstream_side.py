@@ -32,7 +32,9 @@ def test_upstream_side_reuses_the_prompt_prefix_like_cache_prompt(
 
     from cinecut.inference.parallel import ParallelLlavaEngine
 
-    with ParallelLlavaEngine(tiny_llava.model_path, tiny_llava.mmproj_path, n_gpu_layers=0, parallel=1) as eng:
+    with ParallelLlavaEngine(
+        tiny_llava.model_path, tiny_llava.mmproj_path, n_gpu_layers=0, parallel=1
+    ) as eng:
         prompt, prefix = eng.prompt_tokens, len(eng._feed.prefix_tokens)
     assert 0 < prefix < prompt
     slot, one = _server_side(tiny_llava.model_path, tiny_llava.mmproj_path, 0, 8, 1)

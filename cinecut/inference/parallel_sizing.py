@@ -13,8 +13,8 @@ from typing import Final
 MAX_PARALLEL: Final = 64
 #: ``parallel = 0`` picks the number of sequences: on a GPU from the free VRAM, at most this many...
 MAX_AUTO_PARALLEL: Final = 8
-#: ...and on the CPU this many (two cores, 0.5 B model: 16 in flight 2.2x llama-server's sequential
-#: path, 8 a little less; a 7B model's KV cache is ~0.5 GiB per sequence, in RAM there).
+#: ...and on the CPU this many (two cores, 0.5 B model: 8 and 16 in flight measured within noise of
+#: each other, compute-bound; a 7B model's KV cache is ~0.5 GiB per sequence, in RAM there).
 CPU_AUTO_PARALLEL: Final = 8
 #: VRAM kept free beside the KV cache: CUDA context, compute buffers, CLIP activations.
 VRAM_RESERVE: Final = 1 << 30
