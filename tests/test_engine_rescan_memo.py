@@ -226,6 +226,21 @@ def test_a_film_replaced_by_a_file_of_the_same_size_and_mtime_is_judged_again(li
     assert rec is not None and rec.inode == new_ino
 
 
+def test_a_file_appearing_in_a_work_dir_is_noticed(tmp_path: Path, small_margin: None) -> None:
+    """A file absent at the last judgement is not looked for by name again; its arrival (here a cache
+    put back by rename) still shows, through the work dir's own identity."""
+    library = Library(tmp_path)
+    film = library.ours[2]
+    aside = tmp_path / "cache.aside"
+    os.rename(film.wd.cache_path, aside)
+    library.warm_up()
+    assert library.engine.reg.films[film.path].cache is CacheState.MISSING
+    assert library.rescan() == []
+    os.rename(aside, film.wd.cache_path)
+    library.rescan()
+    assert library.engine.reg.films[film.path].cache is CacheState.VALID
+
+
 def test_a_work_dir_appearing_for_a_film_without_one_is_noticed(lib: Library) -> None:
     build_work_dir(lib.bare, frames=2, record_stamps=False)
     lib.rescan()

@@ -23,8 +23,12 @@ What keeps the memo faithful:
   too; a judgement that had to look beyond these files (a recorded subtitle searched for in the folder)
   is not remembered.
 
-Memory: the stats are packed into one ``bytes`` per film (40 bytes a file); paths are derived again from
-the film's state, never stored.
+A file absent at the judgement is not looked for again by name: an entry created in (or renamed into) a
+folder changes the folder's mtime and ctime, so the work dir's own identity covers it (and saves the
+failed ``lstat`` a work dir without our sidecar would cost at every rescan).
+
+Memory: the stats are packed into one ``bytes`` per film (40 bytes a file); the path strings are the ones
+the film's path objects already hold.
 """
 
 from __future__ import annotations
@@ -58,16 +62,6 @@ class _Unstable(Exception):
     """An input could not be stat'ed (other than absent): nothing to remember, nothing to trust."""
 
 
-def _lstat(path: str, pack: Callable[..., bytes] = _ONE.pack) -> bytes:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return _ABSENT
-    except OSError as exc:
-        raise _Unstable from exc
-    return pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 def _stat(path: str, pack: Callable[..., bytes] = _ONE.pack) -> bytes:
     """A subtitle is read through symlinks (as the judgement stamps it)."""
     try:
@@ -98,9 +92,12 @@ class Mounts:
 
 
 def _current(st: os.stat_result, work_dir: str, subtitles: tuple[str, ...], mounts: Mounts,
-             with_proxy: bool, pack: Callable[..., bytes] = _ONE.pack) -> bytes:
+             with_proxy: bool, was: bytes | None = None, pack: Callable[..., bytes] = _ONE.pack) -> bytes:
     """Film, work dir, its files (checkpoint, cache, sidecar, maybe proxy), the subtitles: 40 bytes
-    each; then, with a work dir, its filesystem's read-only flag (one byte). The hot path of a rescan."""
+    each; then, with a work dir, its filesystem's read-only flag (one byte). The hot path of a rescan.
+
+    ``was``: the memo's identities. A file absent then is not looked for again while the work dir's own
+    identity holds: an entry created in (or renamed into) a folder changes the folder's mtime and ctime."""
     ids = pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     try:
         w = os.lstat(work_dir)
@@ -114,11 +111,20 @@ def _current(st: os.stat_result, work_dir: str, subtitles: tuple[str, ...], moun
     ids += pack(w.st_dev, w.st_ino, w.st_size, w.st_mtime_ns, w.st_ctime_ns)
     base = work_dir + "/"
     stem = base + work_dir[work_dir.rfind("/") + 1 : -_CUT]
-    ids += _lstat(base + CHECKPOINT_NAME)
-    ids += _lstat(stem + CACHE_SUFFIX)
-    ids += _lstat(base + STAMPS_NAME)
-    if with_proxy:
-        ids += _lstat(stem + PROXY_SUFFIX)
+    files = (base + CHECKPOINT_NAME, stem + CACHE_SUFFIX, base + STAMPS_NAME)
+    n = _ONE.size
+    for k, path in enumerate((*files, stem + PROXY_SUFFIX) if with_proxy else files, 2):
+        if was is not None and was[k * n : (k + 1) * n] == _ABSENT:
+            ids += _ABSENT  # compared through the work dir's identity (the second entry)
+            continue
+        try:
+            f = os.lstat(path)
+        except FileNotFoundError:
+            ids += _ABSENT
+            continue
+        except OSError as exc:
+            raise _Unstable from exc
+        ids += pack(f.st_dev, f.st_ino, f.st_size, f.st_mtime_ns, f.st_ctime_ns)
     for sub in subtitles:
         ids += _stat(sub)
     return ids + mounts.readonly(w.st_dev, work_dir)
@@ -190,7 +196,7 @@ def unchanged(memo: Judged, state: FilmState, mounts: Mounts) -> bool:
         return False
     try:
         st = os.stat(memo.film)
-        return _current(st, memo.work_dir, memo.subtitle_paths, mounts, memo.with_proxy) == memo.ids
+        return _current(st, memo.work_dir, memo.subtitle_paths, mounts, memo.with_proxy, memo.ids) == memo.ids
     except (OSError, _Unstable):
         return False
 

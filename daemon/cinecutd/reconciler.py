@@ -79,7 +79,7 @@ class Reconciler:
         self.loops_warned: set[Path] = set()
         #: What the last rescan learned of each root's names: the next one reuses it (ScanResult.known).
         self.known: dict[Path, Known] = {}
-        self.journaled: set[Path] = set()  # work dirs holding a migration journal not yet resumed
+        self.journaled: set[Path] = set()  # work dirs whose migration journal is still to look at or resume
         self.schedule_periodic()
 
     # ----------------------------------------------------------------- when rescans run
@@ -211,16 +211,20 @@ class Reconciler:
         if removed:
             self.host.reg.counters["temp_files_removed"] += removed
 
-    def reconcile_film(self, state: FilmState, t0: float, mounts: Mounts | None = None) -> None:
+    def reconcile_film(self, state: FilmState, t0: float, mounts: Mounts | None = None) -> bool:
         """The per-film decision of a rescan: judge a film the probe doubts (or a blocked one), else note
         its cache state from the probe alone. A film whose every input is, by stat, what its last
-        judgement read is not judged again (:mod:`cinecutd.judged`)."""
+        judgement read is not judged again (:mod:`cinecutd.judged`): True then (a quick one)."""
         mounts = mounts if mounts is not None else Mounts()
         trusted = self._may_trust(state)
         if state.judged is not None:
             if trusted and unchanged(state.judged, state, mounts):
-                return
+                return True
             state.judged = None
+        self._judge_film(state, t0, mounts, trusted)
+        return False
+
+    def _judge_film(self, state: FilmState, t0: float, mounts: Mounts, trusted: bool) -> None:
         try:
             st = os.stat(state.film)
         except OSError:
@@ -255,8 +259,10 @@ class Reconciler:
     def _may_trust(self, state: FilmState) -> bool:
         """A film in the middle of something (a twin, a judgement waiting for a lock, a burst, a refusal,
         a blocked film retried at every rescan) is judged in full, never from a memo."""
-        return not (state.conflict or state.pending is not None or state.settle_due is not None
-                    or state.refused is not None or state.film in self.host.health.blocked)
+        if state.conflict or state.pending is not None or state.settle_due is not None or state.refused is not None:
+            return False
+        blocked = self.host.health.blocked
+        return not blocked or state.film not in blocked
 
     def adopt_orphans(self, homeless: list[FilmState], orphaned: set[Path], work_dirs: set[Path]) -> None:
         """Films renamed or moved while nobody watched: an orphaned work dir whose stamps sidecar records
