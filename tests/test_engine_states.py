@@ -71,3 +71,37 @@ def test_a_deferred_judgement_keeps_its_trigger_apart_from_waiting(root: Path, m
     assert video_invalidated(film)
     assert engine.reg.films[film.path].pending is None and engine.status()["pending"] == []
     assert engine.reg.recent[0]["trigger"] == "modified"
+
+
+def test_a_deferred_judgement_that_its_film_can_no_longer_make_waits_no_more(root: Path, make_engine: Any) -> None:
+    """A film waits for a pipeline's lock; meanwhile a same-stem twin appears and the pipeline holding the
+    lock makes the work dir the twin's. Once the lock is gone the waiting film has no judgement to make
+    (the results are not its own): its deferral ends, nothing stays pending for ever, and the twin's
+    results are left alone."""
+    from cinecut.checkpoint import load_checkpoint, save_checkpoint
+    from tests.harness.films import make_film
+
+    film = make_film_with_work_dir(root / "Heat (1995)")
+    engine = make_engine()
+    assert warm(film)
+    with work_dir_lock(film.wd, purpose="pipeline"):
+        film.path.write_bytes(new_content(film.path))
+        post(engine, "modified", film.path)
+        engine.run_once(0)
+        assert engine.reg.films[film.path].pending is not None
+        twin = make_film(film.path.parent, film.path.stem, ext=".mp4", seed=1, subtitles=(), trailer=None)
+        post(engine, "created", twin.path)
+        post(engine, "closed", twin.path)
+        engine.run_once(0)
+        ckpt = load_checkpoint(film.wd.path)
+        assert ckpt is not None
+        ckpt.source_file = str(twin.path.resolve())
+        save_checkpoint(ckpt, film.wd.path)  # the pipeline took the work dir over for the twin
+        taken = film.wd.checkpoint_path.read_bytes()
+    settle(engine)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and engine.status()["pending"]:
+        settle(engine)
+    assert engine.status()["pending"] == []
+    assert engine.reg.films[film.path].pending is None
+    assert film.wd.checkpoint_path.read_bytes() == taken  # the twin's results untouched

@@ -105,6 +105,7 @@ class Judge:
         if self.moves is not None and self.moves.holds(state.film):
             return None  # its work dir has not followed it yet; judged once the move is done
         if state.conflict and not owns_work_dir(state):
+            self._drop_deferral(state, "its work dir holds a same-stem twin's results")
             return None
         reg = self.host.reg
         reg.counters["revalidations"] += 1
@@ -146,10 +147,25 @@ class Judge:
         self._pending.add(film)
         self.host.later(time.monotonic() + PENDING_RETRY_S, partial(self.retry_pending, film))
 
+    def _drop_deferral(self, state: FilmState, why: str) -> None:
+        """A deferred judgement the film can no longer make: it waits no more."""
+        if state.pending is not None:
+            log.info("pending_dropped", film=str(state.film), reason=state.pending.trigger, why=why)
+            state.pending = None
+            self._pending.discard(state.film)
+
     def retry_pending(self, film: Path) -> None:
+        """A deferred film's retry. Whatever the retry decides, a film still deferred afterwards has a retry
+        of its own (a decision that declined without deferring again must not leave it waiting for ever)."""
+        self._pending.discard(film)
+        self._retry_pending(film)
+        state = self.host.reg.films.get(film)
+        if state is not None and state.pending is not None and film not in self._pending:
+            self._retry_later(film)
+
+    def _retry_pending(self, film: Path) -> None:
         from cinecutd.moves import Resume
 
-        self._pending.discard(film)
         state = self.host.reg.films.get(film)
         moves = self.moves
         if state is None or state.pending is None:
