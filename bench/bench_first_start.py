@@ -110,9 +110,14 @@ def main() -> int:
             after_first = listing(wds)
             d.stop()
             second_s, second_rec, d = timed_start(runner, config)
-            t0 = time.monotonic()
-            d.request("rescan", timeout=600)
-            rescan_s = time.monotonic() - t0
+            trips = []
+            for _ in range(3):  # best of 3: the first may meet the watches still being placed after READY
+                t0 = time.monotonic()
+                d.request("rescan", timeout=600)
+                trips.append(time.monotonic() - t0)
+            rescan_s = min(trips)
+            own = [float(r["duration_s"]) for r in d.logs("reconciled") if r.get("reason") != "startup"]
+            rescan_own_s = min(own) if own else float("nan")
             after_second = listing(wds)
             films = d.status()["films"]
             d.stop()
@@ -126,7 +131,8 @@ def main() -> int:
         ("second start to READY (s)", second_s),
         ("first start: startup reconcile (s)", first_rec),
         ("second start: startup reconcile (s)", second_rec),
-        ("warm rescan (s)", rescan_s),
+        ("warm rescan, request to answer, best of 3 (s)", rescan_s),
+        ("warm rescan, the daemon's own duration, best of 3 (s)", rescan_own_s),
         ("first start's reconcile / warm rescan", first_rec / rescan_s if rescan_s else 0.0),
         ("files created in work dirs by the first start", created),
         ("entries rewritten or touched by the first start", changed),
@@ -143,6 +149,7 @@ def main() -> int:
         "first_start_reconcile_s": first_rec,
         "second_start_reconcile_s": second_rec,
         "warm_rescan_s": round(rescan_s, 3),
+        "warm_rescan_own_s": rescan_own_s,
         "files_created_first_start": created,
         "entries_changed_first_start": changed,
         "files_created_second_start": created2,
