@@ -17,10 +17,10 @@ import pytest
 
 from cinecut.stamps import read_stamps
 from cinecutd import reconciler as reconciler_module
-from cinecutd.config import load_config
 from cinecutd.engine import Engine
 from tests.harness.checks import video_invalidated, warm
 from tests.harness.films import SRT, Film, build_work_dir, make_film
+from tests.harness.inprocess import unstarted_engine
 from tests.harness.mutate import new_content
 
 
@@ -33,15 +33,6 @@ def flat_library(root: Path, n: int, *, work_dirs: bool = False) -> list[Film]:
             build_work_dir(film, frames=2)
         films.append(film)
     return films
-
-
-def make_engine(tmp_path: Path, root: Path) -> Engine:
-    cfg = tmp_path / "cinecutd.toml"
-    cfg.write_text(
-        f'[daemon]\nrescan_interval = 0\nsettle_seconds = 0.2\nlog_level = "warning"\n'
-        f'[[library]]\npath = "{root}"\n[control]\nsocket = "{tmp_path / "d.sock"}"\n'
-    )
-    return Engine(load_config(cfg))
 
 
 def replace_by_rename(film: Path, engine: Engine) -> None:
@@ -75,7 +66,7 @@ def _reconcile_cost(tmp_path: Path, n: int) -> tuple[int, int]:
     """(function calls, directory listings) of a startup reconcile of ``n`` films in one folder."""
     root = tmp_path / f"flat{n}"
     flat_library(root, n)
-    engine = make_engine(tmp_path, root)
+    engine = unstarted_engine(tmp_path, root)
     prof = cProfile.Profile()
     prof.enable()
     summary = engine.reconcile("startup")
@@ -105,7 +96,7 @@ def test_a_replacement_during_a_long_rescan_is_acted_on_before_the_rescan_ends(
 ) -> None:
     root = tmp_path / "films"
     films = flat_library(root, 40, work_dirs=True)
-    engine = make_engine(tmp_path, root)
+    engine = unstarted_engine(tmp_path, root)
     engine.reconcile("startup")
     done: list[dict[str, Any]] = []
     engine.request_reconcile("requested", on_done=done.append)
@@ -129,7 +120,7 @@ def test_what_changed_during_a_rescan_is_not_judged_on_the_scan_s_stale_findings
 ) -> None:
     root = tmp_path / "films"
     films = flat_library(root, 12, work_dirs=True)
-    engine = make_engine(tmp_path, root)
+    engine = unstarted_engine(tmp_path, root)
     engine.reconcile("startup")
     engine.request_reconcile("requested")
     engine.run_once(0)  # the folder is listed: the job knows every film and subtitle there now

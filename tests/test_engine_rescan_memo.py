@@ -23,10 +23,9 @@ from cinecut.inference.cache import CacheState
 from cinecut.stamps import read_stamps
 from cinecut.workdir import CHECKPOINT_NAME, STAMPS_NAME, WORK_DIR_SUFFIX
 from cinecutd import judged
-from cinecutd.config import load_config
-from cinecutd.engine import Engine
 from tests.harness.checks import subtitles_invalidated, video_invalidated, warm
 from tests.harness.films import Film, build_work_dir, make_film
+from tests.harness.inprocess import unstarted_engine
 from tests.harness.mutate import new_content
 
 MARGIN_S = 0.05
@@ -73,15 +72,6 @@ def wait_until_settled(root: Path, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def make_engine(tmp_path: Path, root: Path) -> Engine:
-    cfg = tmp_path / "cinecutd.toml"
-    cfg.write_text(
-        f'[daemon]\nrescan_interval = 0\nsettle_seconds = 0.2\nlog_level = "warning"\n'
-        f'[[library]]\npath = "{root}"\n[control]\nsocket = "{tmp_path / "d.sock"}"\n'
-    )
-    return Engine(load_config(cfg))
-
-
 class Library:
     """Films with our sidecar, films upstream left (no sidecar), a film with no work dir; judged twice so
     that every film's last judgement is remembered."""
@@ -91,7 +81,7 @@ class Library:
         self.ours = [self._film(f"Ours {i} (2001)", i, record=True) for i in range(4)]
         self.upstream = [self._film(f"Upstream {i} (2002)", 10 + i, record=False) for i in range(3)]
         self.bare = make_film(self.root, "Bare (2003)", trailer=None, size=2048, seed=30)
-        self.engine = make_engine(tmp_path, self.root)
+        self.engine = unstarted_engine(tmp_path, self.root)
 
     def _film(self, stem: str, seed: int, *, record: bool) -> Film:
         film = make_film(self.root, stem, trailer=None, size=2048, seed=seed)

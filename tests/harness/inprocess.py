@@ -40,6 +40,17 @@ def post(engine: Engine, kind: str, src: Path, dest: Path | None = None) -> None
     engine.post_event(kind, str(src), str(dest) if dest is not None else None)
 
 
+def unstarted_engine(tmp_path: Path, root: Path) -> Engine:
+    """An engine on ``root`` (no periodic rescan, settle 0.2 s, warnings only), not started: the test runs
+    its startup rescan when its films are in place."""
+    cfg = tmp_path / "cinecutd.toml"
+    cfg.write_text(
+        f'[daemon]\nrescan_interval = 0\nsettle_seconds = 0.2\nlog_level = "warning"\n'
+        f'[[library]]\npath = "{root}"\n[control]\nsocket = "{tmp_path / "d.sock"}"\n'
+    )
+    return Engine(load_config(cfg))
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     """An empty library folder."""
