@@ -1,5 +1,6 @@
 """Warm rescans in-process: a film whose every input is, by stat, what its last judgement read is not
-judged again (no work-dir file is opened), and no change of any input hides behind that shortcut.
+judged again (no work-dir file is opened), a folder whose own stat identity is what its last listing saw
+is not listed again, and no change of any input hides behind those shortcuts.
 
 Each change below is made with no event posted, so the rescan is the only thing that can find it, and
 most are made so that size and mtime stay what they were (restored with ``os.utime``): only the ctime, the
@@ -31,11 +32,14 @@ from tests.harness.mutate import new_content
 MARGIN_S = 0.05
 
 _opened: list[str] | None = None
+_listed: list[str] | None = None
 
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
     if event == "open" and _opened is not None and isinstance(args[0], str | bytes):
         _opened.append(os.fsdecode(args[0]))
+    elif event == "os.scandir" and _listed is not None and isinstance(args[0], str | bytes | os.PathLike):
+        _listed.append(os.fsdecode(args[0]))
 
 
 sys.addaudithook(_audit)
@@ -62,10 +66,10 @@ def small_margin(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def wait_until_settled(root: Path, timeout: float = 10.0) -> None:
-    """Poll until every file under ``root`` last changed more than the racy margin ago."""
+    """Poll until ``root`` and everything under it last changed more than the racy margin ago."""
     deadline = time.monotonic() + timeout
     while True:
-        newest = max(os.lstat(os.path.join(d, n)).st_ctime_ns for d, ds, fs in os.walk(root) for n in ds + fs)
+        newest = max(os.lstat(os.path.join(d, n)).st_ctime_ns for d, ds, fs in os.walk(root) for n in ["", *ds, *fs])
         if time.time_ns() - newest > 2 * MARGIN_S * 1e9:
             return
         assert time.monotonic() < deadline, "files keep changing"
@@ -251,3 +255,67 @@ def test_a_work_dir_made_read_only_is_noticed(lib: Library) -> None:
         assert (film.path in lib.engine.health.blocked) == (os.geteuid() != 0)
     finally:
         os.chmod(film.wd.path, 0o755)
+
+
+# ------------------------------------------------------------------------------------------ listings
+
+
+def listed_during(fn: Any) -> list[str]:
+    """Folders listed (``os.scandir``) while ``fn`` runs."""
+    global _listed
+    _listed = []
+    try:
+        fn()
+        return list(_listed)
+    finally:
+        _listed = None
+
+
+def rescan_lists(lib: Library) -> list[str]:
+    return listed_during(lambda: lib.engine.reconcile("requested"))
+
+
+def test_a_warm_rescan_does_not_list_a_folder_that_has_not_changed(lib: Library) -> None:
+    assert str(lib.root) not in rescan_lists(lib)
+    assert set(lib.engine.reg.films) == {f.path for f in [*lib.ours, *lib.upstream, lib.bare]}
+
+
+def test_a_film_added_or_removed_without_an_event_is_found(lib: Library) -> None:
+    new = make_film(lib.root, "New (2004)", trailer=None, size=2048, seed=40)
+    assert str(lib.root) in rescan_lists(lib)
+    assert new.path in lib.engine.reg.films
+    os.unlink(lib.bare.path)
+    lib.engine.reconcile("requested")
+    assert lib.bare.path not in lib.engine.reg.films
+
+
+def test_a_folder_changed_within_the_racy_margin_is_listed_again(lib: Library) -> None:
+    os.unlink(lib.bare.path)
+    lib.engine.reconcile("requested")
+    assert lib.bare.path not in lib.engine.reg.films
+    # Its ctime is not older than the margin yet: not remembered, so the next rescan lists it again.
+    listed = rescan_lists(lib)
+    if time.time_ns() - os.stat(lib.root).st_ctime_ns < MARGIN_S * 1e9:
+        assert str(lib.root) in listed
+    wait_until_settled(lib.root)
+    lib.engine.reconcile("requested")  # listed, and remembered now
+    assert str(lib.root) not in rescan_lists(lib)
+
+
+def test_a_folder_with_a_symlinked_film_is_listed_every_time(lib: Library, tmp_path: Path) -> None:
+    """Its target can vanish without the folder changing: such a listing is never remembered."""
+    target = make_film(tmp_path / "elsewhere", "Linked (2005)", trailer=None, size=2048, seed=50)
+    link = lib.root / "Linked (2005).mkv"
+    os.symlink(target.path, link)
+    wait_until_settled(lib.root)
+    lib.engine.reconcile("requested")
+    assert link in lib.engine.reg.films
+    assert str(lib.root) in rescan_lists(lib)
+    os.unlink(target.path)
+    assert str(lib.root) in rescan_lists(lib)
+    assert link not in lib.engine.reg.films
+
+
+def test_a_listing_is_trusted_for_a_bounded_time(lib: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(judged, "TTL_S", 0.0)
+    assert str(lib.root) in rescan_lists(lib)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Final
 
 from cinecut.workdir import in_work_dir as _in_work_dir
 from cinecut.workdir import is_trailer_name, is_work_dir_name, subtitle_belongs_to, subtitle_stems
+from cinecutd import judged
 from cinecutd.treewalk import FolderId, folder_id
 
 IN_PROGRESS_SUFFIXES: Final = (".part", ".tmp", ".!qb", ".crdownload", ".partial", ".download", ".!ut", ".temp")
@@ -68,10 +70,48 @@ class Known:
     subtitles: dict[str, tuple[Path, list[str]]] = field(default_factory=dict)  # -> (path, film stems)
     work_dirs: dict[str, tuple[Path, int]] = field(default_factory=dict)  # -> (path, inode)
     folders: dict[str, Path] = field(default_factory=dict)
+    listings: dict[str, Listing] = field(default_factory=dict)  # folder -> what its listing gave
 
     @classmethod
     def fresh(cls, video_extensions: Iterable[str], subtitle_extensions: Iterable[str]) -> Known:
         return cls((frozenset(e.lower() for e in video_extensions), frozenset(e.lower() for e in subtitle_extensions)))
+
+
+@dataclass(slots=True)
+class Listing:
+    """What one folder's listing gave a scan, kept with the folder's own stat identity: while that identity
+    holds, the folder has the same entries (creating, removing or renaming an entry changes the folder's
+    mtime and ctime), so the next scan takes them from here instead of reading the listing again.
+
+    Only a folder without subfolders to descend and without symlinked films is remembered (a mount over
+    a subfolder, or a link's target vanishing, changes nothing in the folder itself); and, like a film's
+    memo (:mod:`cinecutd.judged`), only when it last changed more than ``RACY_S`` before it was read, and
+    for ``TTL_S`` at most."""
+
+    ident: tuple[int, int, int, int]  # st_dev, st_ino, st_mtime_ns, st_ctime_ns
+    at: float  # monotonic, for the TTL
+    films: dict[Path, tuple[Path, ...]]
+    work_dirs: dict[str, tuple[Path, int]]
+    film_names: dict[str, tuple[Path, str]]
+    subtitles: dict[str, tuple[Path, list[str]]]
+
+    def replay(self, result: ScanResult, learned: Known | None) -> None:
+        result.films.update(self.films)
+        result.work_dirs.update(w for w, _ in self.work_dirs.values())
+        if learned is not None:
+            learned.work_dirs.update(self.work_dirs)
+            learned.films.update(self.film_names)
+            learned.subtitles.update(self.subtitles)
+
+
+def _folder_ident(folder: Path) -> tuple[tuple[int, int, int, int] | None, bool]:
+    """The folder's identity, and whether it changed long enough ago to be remembered."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None, False
+    settled = st.st_ctime_ns < time.time_ns() - int(judged.RACY_S * 1e9)
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns), settled
 
 
 #: Entries read from a folder between two yields of a scan: a flat folder of 100,000 films is listed in
@@ -175,6 +215,20 @@ def _iter_scan_folder(
     lf, ls, lw, ld = (
         (learned.films, learned.subtitles, learned.work_dirs, learned.folders) if learned else ({}, {}, {}, {})
     )
+    key = str(folder)
+    ident, settled = _folder_ident(folder) if learned is not None else (None, False)
+    if ident is not None and known is not None:
+        memo = known.listings.get(key)
+        if memo is not None and memo.ident == ident and time.monotonic() - memo.at <= judged.TTL_S:
+            memo.replay(result, learned)
+            if learned is not None:
+                learned.listings[key] = memo
+            return
+    if learned is not None:  # this folder's share of what is learned, for its listing's memo
+        lf, ls, lw = {}, {}, {}
+    unsure = False  # a symlinked film, or an entry that could not be classified
+    n_subdirs = len(subdirs)
+    n_loops = len(result.loops)
     n = 0
     try:
         with os.scandir(folder) as it:
@@ -227,17 +281,27 @@ def _iter_scan_folder(
                     if entry.is_file(follow_symlinks=True):
                         films.append(film)
                         lf[path] = film
+                        unsure = unsure or entry.is_symlink()
                 except OSError:
+                    unsure = True
                     continue
     except OSError as exc:
         result.unreadable.append((folder, exc.strerror or str(exc)))
         return
-    out = result.films
+    out: dict[Path, tuple[Path, ...]] = {}
     for i, (film_path, stem) in enumerate(films):
         if i and i % ENTRIES_PER_STEP == 0:
             yield
         subs = subs_by_stem.get(stem)
         out[film_path] = () if not subs else (subs[0],) if len(subs) == 1 else tuple(sorted(subs))
+    result.films.update(out)
+    if learned is not None:
+        learned.films.update(lf)
+        learned.subtitles.update(ls)
+        learned.work_dirs.update(lw)
+        if ident is not None and settled and not unsure and len(subdirs) == n_subdirs \
+                and len(result.loops) == n_loops:
+            learned.listings[key] = Listing(ident, time.monotonic(), out, lw, lf, ls)
 
 
 def subtitles_of(film: Path, subtitle_extensions: tuple[str, ...]) -> tuple[Path, ...]:
