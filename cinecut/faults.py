@@ -3,7 +3,9 @@
 Off unless ``CINECUTD_FAULTS`` is set, e.g. ``CINECUTD_FAULTS="kill:migrate.after_rename"`` (SIGKILL
 ourselves when that point is reached), ``"wedge:rescan"`` (block the main loop forever, to prove the
 systemd watchdog restarts a wedged daemon) or ``"raise:watch.event"`` (raise ``RuntimeError`` there, to
-prove a thread that dies of an exception is noticed; ``raise-once`` only the first time). ``kill:*@0.3`` kills at each point with probability 0.3.
+prove a thread that dies of an exception is noticed; ``raise-once`` only the first time), or ``"slow:prewarm.after_frame"``
+(sleep ``SLOW_S`` there: a tiny model's job, done in a fraction of a second, held open long enough for a
+test to catch it mid-way). ``kill:*@0.3`` kills at each point with probability 0.3.
 The cost when unset is one dict lookup per point.
 """
 
@@ -13,9 +15,11 @@ import os
 import random
 import signal
 import threading
+import time
 from typing import Final
 
 _SPEC: Final = os.environ.get("CINECUTD_FAULTS", "")
+SLOW_S: Final = 0.1
 
 
 def _parse(spec: str) -> dict[str, tuple[str, float]]:
@@ -42,6 +46,8 @@ def point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "wedge":
         threading.Event().wait()
+    elif action == "slow":
+        time.sleep(SLOW_S)
     elif action == "raise" or (action == "raise-once" and name not in _SPENT):
         _SPENT.add(name)
         raise RuntimeError(f"fault injected at {name}")

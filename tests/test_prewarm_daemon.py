@@ -89,7 +89,11 @@ class Setup:
 
 
 @pytest.fixture
-def s(runner: DaemonRunner, tiny_llava: TinyLlava, synthetic_film_template: SyntheticFilm) -> Iterator[Setup]:
+def s(runner: DaemonRunner, tiny_llava: TinyLlava, synthetic_film_template: SyntheticFilm,
+      monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
+    # The tiny model describes a frame in milliseconds: each frame of a worker is made 0.1 s longer, so
+    # that a job can be caught mid-way however quickly the worker takes the GPU in a gap the test opens.
+    monkeypatch.setenv("CINECUTD_FAULTS", "slow:prewarm.after_frame")
     setup = Setup(runner, tiny_llava, synthetic_film_template)
     yield setup
     setup.gate.release()
