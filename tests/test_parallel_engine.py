@@ -215,3 +215,29 @@ def test_cli_parallel_option_runs_and_is_bounded(ready: Path, tiny_llava: TinyLl
     good = cinecut("analyze", ready, "--parallel", "3", "--json", "-", *common)
     assert good.returncode == 0, good.stderr
     assert load_cache(ready, WorkDir.for_film(ready)) is not None
+
+
+@pytest.mark.parametrize("fault", ["fail-once", "fail"])
+def test_a_failed_batch_is_retried_frame_by_frame_and_loses_nothing(
+    analyzed, ready: Path, tiny_llava: TinyLlava, tmp_path: Path, fault: str
+) -> None:
+    """llama_decode refusing a batch of several frames (as a GPU out of memory does) costs no frame:
+    each frame of it runs again alone, and the cache equals a sequential run's. ``fail``: every batch of
+    several frames is refused for the whole run; ``fail-once``: only the first."""
+    from test_cli_analyze import _env, cinecut
+
+    sequential = load_cache(analyzed[0], WorkDir.for_film(analyzed[0]))
+    assert sequential is not None and len(sequential) > 3
+    common = ["--model", tiny_llava.model_path, "--mmproj", tiny_llava.mmproj_path, "--n-gpu-layers", "0",
+              "--gpu-lock", tmp_path / "gpu.lock"]  # fmt: skip
+    env = _env(CINECUTD_FAULTS=f"{fault}:llama_decode.batch")
+    got = cinecut("analyze", ready, "--parallel", "3", "--json", "-", *common, env=env)
+    assert got.returncode == 0, got.stderr
+    retried = got.stderr.count("retrying each alone")
+    assert retried >= 1, got.stderr
+    if fault == "fail":  # every admission of several frames failed, not just the first
+        assert retried > 1, got.stderr
+    saved = load_cache(ready, WorkDir.for_film(ready))
+    assert saved is not None
+    assert [r.timestamp_s for r, _ in saved] == [r.timestamp_s for r, _ in sequential]
+    assert [d for _, d in saved] == [d for _, d in sequential]

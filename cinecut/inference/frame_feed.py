@@ -1,7 +1,11 @@
-"""The frame feeder: keyframes read, decoded, tokenized with the prompt and through CLIP, off the main thread.
+"""The frame feeder: keyframes read, decoded and tokenized with the prompt off the main thread.
 
-A helper thread does a frame's image work (JPEG read and decode, libmtmd tokenizing, the CLIP encoder)
-while the main thread decodes text, so the image part of a frame overlaps the other frames' tokens.
+A helper thread does a frame's file and image work (JPEG read and decode, libmtmd tokenizing) while the
+main thread decodes text. The CLIP encoder runs on exactly one thread, never two at once (libmtmd's
+context and its output buffer are not shared safely): on the helper where the model is offloaded, so a
+GPU encodes the next image while the main thread decodes; on the main thread on a CPU, where both are
+compute-bound on the same cores and a second thread running ggml makes libgomp stop spinning at every
+barrier of the decode (it throttles when it manages more threads than CPUs): 30-50 % slower tokens.
 The prompt is Llava15ChatHandler's template rendered for one image and one text part, so the model
 sees exactly what the one-at-a-time engine gives it.
 """
@@ -32,15 +36,20 @@ class Prepared:
     chunks: Any = None  # mtmd_input_chunks*, freed once the prompt is in the KV cache
     parts: list[tuple[str, Any, Any]] = field(
         default_factory=list
-    )  # ("text", tokens, None) | ("image", chunk, embd)
+    )  # ("text", tokens, None) | ("image", chunk, embd); embd None until encoded
     error: str | None = None
 
 
 class FrameFeeder:
-    """Prepares frames on one helper thread; ``submit`` returns a future, ``prepare`` works inline."""
+    """Prepares frames on one helper thread; ``submit`` returns a future, ``prepare`` works inline.
 
-    def __init__(self, sc: SequenceContext, prompt: str) -> None:
+    ``encode_on_helper``: the helper also runs the CLIP encoder (for an offloaded model); otherwise the
+    images of a submitted frame are encoded by :meth:`encode` on the caller's thread.
+    """
+
+    def __init__(self, sc: SequenceContext, prompt: str, *, encode_on_helper: bool = False) -> None:
         self.sc = sc
+        self.encode_on_helper = encode_on_helper
         marker = sc.mt.mtmd_default_marker().decode()
         self._text = f"{SYSTEM_MESSAGE}\nUSER: {marker}{prompt}\nASSISTANT: ".encode()
         #: Seconds spent preparing frames (on the helper thread: overlapped with decoding).
@@ -52,8 +61,10 @@ class FrameFeeder:
         )
 
     def submit(self, path: Path) -> concurrent.futures.Future[Prepared]:
+        """The frame read and tokenized on the helper (encoded too where ``encode_on_helper``);
+        pass the result to :meth:`encode` on the thread that decodes."""
         assert self._pool is not None
-        return self._pool.submit(self.prepare, path)
+        return self._pool.submit(self._timed, path, self.encode_on_helper)
 
     def shutdown(self) -> None:
         """Stop the helper thread, dropping frames not started (waits for the one being prepared)."""
@@ -95,18 +106,49 @@ class FrameFeeder:
         return int(mt.mtmd_tokenize(self.sc.mtmd, chunks, ctypes.byref(text), bitmaps, 1))
 
     def prepare(self, path: Path) -> Prepared:
-        """Read the file, decode the image, tokenize the prompt, run the CLIP encoder; errors are data."""
+        """Read the file, decode the image, tokenize the prompt, run the CLIP encoder, all on the calling
+        thread (for a caller with no helper thread: not to be mixed with :meth:`submit`); errors are data."""
+        return self._timed(path, True)
+
+    def encode(self, prepared: Prepared) -> Prepared:
+        """Run the CLIP encoder, on the calling thread, for the images :meth:`submit` left raw."""
+        raw = [embd is None for kind, _, embd in prepared.parts if kind == "image"]
+        if prepared.error is not None or not any(raw):
+            return prepared
         started = time.perf_counter()
         try:
-            return self._prepare(path)
+            prepared.parts = [
+                (kind, item, self._encode(item) if kind == "image" and embd is None else embd)
+                for kind, item, embd in prepared.parts
+            ]
+        except _EncodeFailed as exc:
+            prepared.error = str(exc)
+            self.free(prepared)
+        finally:
+            self.image_s += time.perf_counter() - started
+        return prepared
+
+    def _timed(self, path: Path, encode: bool) -> Prepared:
+        started = time.perf_counter()
+        try:
+            return self._prepare(path, encode)
         except Exception as exc:  # a frame's failure is that frame's None, never the job's end
             return Prepared(error=f"cannot prepare it: {exc}")
         finally:
             self.image_s += time.perf_counter() - started
 
-    def _prepare(self, path: Path) -> Prepared:
+    def _encode(self, chunk: Any) -> Any:
+        """One image chunk through CLIP: its rows of embeddings (a copy: libmtmd reuses its buffer)."""
         import numpy as np
 
+        mt = self.sc.mt
+        if mt.mtmd_encode_chunk(self.sc.mtmd, chunk) != 0:
+            raise _EncodeFailed(f"the image encoder failed on it ({_native_errors()})")
+        n_tok = mt.mtmd_input_chunk_get_n_tokens(chunk)
+        out = mt.mtmd_get_output_embd(self.sc.mtmd)
+        return np.ctypeslib.as_array(out, shape=(n_tok * self.sc.n_embd,)).copy()
+
+    def _prepare(self, path: Path, encode: bool) -> Prepared:
         mt = self.sc.mt
         try:
             with open(path, "rb") as f:
@@ -132,18 +174,21 @@ class FrameFeeder:
                 if mt.mtmd_input_chunk_get_type(chunk) == mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
                     prepared.parts.append(("text", _text_tokens(mt, chunk), None))
                     continue
-                if mt.mtmd_encode_chunk(self.sc.mtmd, chunk) != 0:
-                    prepared.error = f"the image encoder failed on it ({_native_errors()})"
+                try:
+                    embd = self._encode(chunk) if encode else None
+                except _EncodeFailed as exc:
+                    prepared.error = str(exc)
                     return prepared
-                n_tok = mt.mtmd_input_chunk_get_n_tokens(chunk)
-                out = mt.mtmd_get_output_embd(self.sc.mtmd)
-                embd = np.ctypeslib.as_array(out, shape=(n_tok * self.sc.n_embd,)).copy()
                 prepared.parts.append(("image", chunk, embd))
             return prepared
         finally:
             mt.mtmd_bitmap_free(bitmap)
             if prepared.error is not None:
                 self.free(prepared)
+
+
+class _EncodeFailed(Exception):
+    pass
 
 
 def _text_tokens(mt: Any, chunk: Any) -> list[int]:

@@ -7,8 +7,9 @@ sequence, one more for the prompt's shared prefix): every step decodes the next 
 frame in one ``llama_batch`` with per-token sequence ids, and each sequence samples through its own
 sampler chain and SceneDescription grammar (:mod:`cinecut.inference.seq_sampling`). Free slots take
 the next queued frames at once (continuous batching); frames admitted together have their prompts
-evaluated together (:mod:`cinecut.inference.prefill`). A helper thread reads, decodes and CLIP-encodes
-the next JPEGs while the main thread decodes text (:mod:`cinecut.inference.frame_feed`).
+evaluated together (:mod:`cinecut.inference.prefill`). A helper thread reads, decodes and tokenizes
+the next JPEGs while the main thread decodes text, and CLIP-encodes them too where the model is
+offloaded (:mod:`cinecut.inference.frame_feed`). A batch llama.cpp refuses is retried frame by frame.
 
 The interface is :class:`cinecut.inference.engine.LlavaEngine`'s: ``describe(path)`` returns that
 frame's SceneDescription or None, frames are asked for in keyframe order, and ``prefetch(paths)``
@@ -146,7 +147,8 @@ class ParallelLlavaEngine:
         )
         try:
             self._voc = Vocabulary(llama_cpp, self._sc.model)
-            self._feed = FrameFeeder(self._sc, prompt)
+            offloaded = n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+            self._feed = FrameFeeder(self._sc, prompt, encode_on_helper=offloaded)
             self._create(n_gpu_layers)
         except BaseException:
             if self._feed is not None:
@@ -276,7 +278,7 @@ class ParallelLlavaEngine:
         assert self._feed is not None
         items: list[tuple[_Slot, Prepared]] = []
         for slot, job in pairs:
-            prepared = (job.prepared or self._feed.submit(job.path)).result()
+            prepared = self._feed.encode((job.prepared or self._feed.submit(job.path)).result())
             if prepared.error is not None:
                 log.warning("frame %s: %s", job.path, prepared.error)
                 self._finish(job, None)
@@ -312,7 +314,7 @@ class ParallelLlavaEngine:
         assert self._feed is not None
         self.stats["retried_alone"] += 1
         slot = next(s for s in self._slots if s.job is None)
-        prepared = self._feed.prepare(job.path)
+        prepared = self._feed.encode(self._feed.submit(job.path).result())  # the one CLIP thread
         if prepared.error is not None:
             self._finish(job, None)
             return

@@ -12,6 +12,7 @@ import ctypes
 from pathlib import Path
 from typing import Any, Final
 
+from cinecut import faults
 from cinecut.inference.engine import EngineLoadError, _native_errors
 
 #: Tokens per llama_decode call and per micro-batch: prompts of several frames go in one call.
@@ -108,7 +109,7 @@ class SequenceContext:
             b.seq_id[i][0] = seq
             b.logits[i] = logits
         b.n_tokens = len(entries)
-        self._run(b)
+        self._run(b, several=faults.ARMED and len({e[2] for e in entries}) > 1)
 
     def decode_embd(self, rows: list[tuple[Any, int, int, int, int]]) -> None:
         """One llama_decode of image-embedding runs: (embeddings, first row, rows, first position, sequence).
@@ -131,9 +132,11 @@ class SequenceContext:
                 b.logits[i + j] = False
             i += count
         b.n_tokens = i
-        self._run(b)
+        self._run(b, several=faults.ARMED and len({r[4] for r in rows}) > 1)
 
-    def _run(self, batch: Any) -> None:
+    def _run(self, batch: Any, *, several: bool = False) -> None:
+        if several and faults.fails("llama_decode.batch"):  # as a GPU out of memory for a big batch does
+            raise DecodeFailed("llama_decode returned -3 (fault injected for a batch of several frames)")
         rc = self.lc.llama_decode(self.ctx, batch)
         if rc != 0:
             raise DecodeFailed(f"llama_decode returned {rc} ({_native_errors()})")
