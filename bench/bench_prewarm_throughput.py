@@ -48,6 +48,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import print_table, write_result
+from batching_ceiling import describe as describe_ceiling
+from batching_ceiling import measure_ceiling
 
 from cinecut.demo.sizedmodel import SHAPES, build_sized_llava
 from cinecut.inference.engine import LlavaEngine
@@ -313,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU threads of the upstream and parallel sides (default: every core, llama-server's default; "
         "on a machine other jobs load, 1 avoids llama.cpp's spinning thread barriers distorting the result)",
     )
+    ap.add_argument(
+        "--ceiling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the sides, measure the most any batching engine can gain here (bench/batching_ceiling.py)",
+    )
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. the machine)")
     args = ap.parse_args(argv)
     n_gpu_layers = args.n_gpu_layers if args.n_gpu_layers is not None else (-1 if args.size == "7b" else 0)
@@ -370,6 +378,13 @@ def main(argv: list[str] | None = None) -> int:
                     return eng, None
 
                 rows.append(run_side(f"parallel-{n}", build, frames, vram))
+        ceiling = None
+        if args.ceiling and any(r["side"].startswith("parallel-") for r in rows):
+            widest = max(sizes)
+            ceiling = measure_ceiling(
+                m, p, n_gpu_layers=n_gpu_layers, threads=args.threads, tokens=args.tokens,
+                batches=sorted({widest, 2 * widest}),
+            )  # fmt: skip
     base = next((r["frames_per_s"] for r in rows if r["side"] == "upstream"), None)
     for r in rows:
         r["x_upstream"] = round(r["frames_per_s"] / base, 2) if base else None
@@ -397,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_after": os.getloadavg()[0],
             "note": args.note,
             "sides": rows,
+            "ceiling": ceiling,
         },
     )
+    if ceiling is not None:
+        print(describe_ceiling(ceiling))
     print(f"wrote {out}")
     print(json.dumps({r["side"]: r["frames_per_s"] for r in rows}))
     return 0
