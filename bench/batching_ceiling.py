@@ -63,7 +63,8 @@ def measure_ceiling(
         n_ctx_seq = -(-(total + tokens + 1) // _CTX_ROUND) * _CTX_ROUND
         sc.create(width, n_ctx_seq, 0)
         rng = random.Random(0)
-        tok = lambda: rng.randrange(1000, 30000)  # noqa: E731  (any ids: the weights are random)
+        n_vocab = int(sc.lc.llama_vocab_n_tokens(sc.lc.llama_model_get_vocab(sc.model)))
+        tok = lambda: rng.randrange(n_vocab // 8, n_vocab)  # noqa: E731  (any ids past the specials)
         sc.decode([(tok(), pos, 0, False) for pos in range(prefix)])
         started = time.perf_counter()
         for first in range(prefix, total, N_BATCH):  # the frame's own prompt, in the engine's batch size
