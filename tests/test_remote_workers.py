@@ -108,7 +108,10 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def s(tmp_path: Path, tiny_llava: TinyLlava, synthetic_film_template: SyntheticFilm,
-      redis_server: RedisServer) -> Iterator[Setup]:
+      redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
+    # As in test_prewarm_daemon: each frame a worker describes takes 0.1 s more, so a job is caught
+    # mid-way (catch_mid_inference) however fast the tiny model runs on an idle machine.
+    monkeypatch.setenv("CINECUTD_FAULTS", "slow:prewarm.after_frame")
     with DaemonRunner(tmp_path) as runner:
         setup = Setup(runner, tiny_llava, synthetic_film_template, redis_server)
         try:
