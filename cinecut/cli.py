@@ -423,7 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     an.add_argument("--n-gpu-layers", type=int, default=-1, help="layers on the GPU: -1 all (default), 0 CPU")
     an.add_argument(
-        "--n-ctx", type=int, default=DEFAULT_N_CTX, help=f"context length (default {DEFAULT_N_CTX})"
+        "--n-ctx",
+        type=int,
+        default=DEFAULT_N_CTX,
+        help="accepted for compatibility: each frame gets the context its prompt and --max-tokens need",
     )
     an.add_argument(
         "--max-tokens",

@@ -123,3 +123,18 @@ def test_events_during_a_rescan_are_not_lost(root: Path, make_engine: Any, monke
     assert not engine.rescanning
     assert all(video_invalidated(f) for f in changed)
     assert all(warm(f) for f in films if f not in changed)
+
+
+def test_a_stop_requested_during_a_storm_returns_before_the_storm_is_handled(root: Path, make_engine: Any) -> None:
+    """SIGTERM while thousands of events are queued (a symlink-swapping loop, a big copy): the loop asks
+    the stop request before each further item, so the daemon stops within systemd's patience instead of
+    after the storm; the next start's rescan rebuilds whatever the dropped events would have told."""
+    make_film_with_work_dir(root / "Heat (1995)")
+    engine = make_engine()
+    storm = 5_000
+    for i in range(storm):
+        post(engine, "created", root / f"Storm {i} (2020).mkv")
+    engine.run_once(0, interrupted=lambda: True)
+    assert engine.queue.qsize() == storm - 1  # the first item only: the stop was asked before the next
+    engine.run_once(0, interrupted=lambda: False)
+    assert engine.queue.empty()  # not interrupted: the storm is drained in one go, as before

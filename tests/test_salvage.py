@@ -94,7 +94,7 @@ class EngineLog(logging.Handler):
 
 @pytest.fixture
 def engine_log() -> Any:
-    logger = logging.getLogger("cinecut.inference.engine")
+    logger = logging.getLogger("cinecut.inference")  # whichever engine describes the frames
     handler, level = EngineLog(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)

@@ -53,14 +53,16 @@ def offloads_to_gpu() -> bool:
 
 
 def llava_factory(model: Path, mmproj: Path, *, parallel: int = 1, **kwargs: Any) -> Engine:
-    """The real engines: one frame at a time, or ``parallel`` frames in one batch."""
-    if parallel != 1:
-        from cinecut.inference.parallel import ParallelLlavaEngine
+    """The real engine: ``parallel`` frames in one batch, or one at a time with ``parallel = 1``.
 
-        return ParallelLlavaEngine(model, mmproj, parallel=parallel, **kwargs)
-    from cinecut.inference.engine import LlavaEngine
+    One frame at a time goes through the same engine with one sequence: the answers
+    :class:`cinecut.inference.engine.LlavaEngine` (llama-cpp-python's chat completion, the reference
+    the tests compare against) gives, at upstream's speed instead of about half of it, since it reuses
+    the prompt's prefix and checks the grammar after the sampler as llama-server does, with every core
+    (``bench/bench_prewarm_throughput.py``: sides ``engine`` and ``parallel-1``)."""
+    from cinecut.inference.parallel import ParallelLlavaEngine
 
-    return LlavaEngine(model, mmproj, **kwargs)
+    return ParallelLlavaEngine(model, mmproj, parallel=parallel, **kwargs)
 
 
 def _prefetch(

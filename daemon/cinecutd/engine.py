@@ -110,9 +110,13 @@ class Engine:
         return c.result
 
     # ----------------------------------------------------------------- the loop body
-    def run_once(self, max_wait: float) -> None:
+    def run_once(self, max_wait: float, interrupted: Callable[[], bool] | None = None) -> None:
         """Process one queued item (or wait up to ``max_wait``), then due timers, then one slice of a
-        rescan in progress: queued events never wait for more than a slice of it."""
+        rescan in progress: queued events never wait for more than a slice of it.
+
+        ``interrupted`` (the service's stop request) is asked before each further queued item: a stop
+        during a storm returns at once instead of after the storm; what is left queued is rebuilt by
+        the next start's rescan, as after any stop."""
         now = time.monotonic()
         wait = max_wait
         if self._timers:
@@ -127,6 +131,8 @@ class Engine:
             self._dispatch(item)
             # Drain what is already queued so a storm is handled in one go.
             for _ in range(10_000):
+                if interrupted is not None and interrupted():
+                    return
                 try:
                     self._dispatch(self.queue.get_nowait())
                 except queue.Empty:

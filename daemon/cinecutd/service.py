@@ -220,7 +220,7 @@ class Daemon:
         interval = self.notifier.watchdog_interval()
         max_wait = min(interval, 1.0) if interval else 1.0
         while not self._stop.is_set():
-            self.engine.run_once(max_wait)
+            self.engine.run_once(max_wait, self._stop.is_set)
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
