@@ -91,14 +91,19 @@ def measure_ceiling(
     ceiling = (prompt_s + tokens * d1) / (prompt_s + tokens * best)
     return {
         "needed_decode_ms_per_token": {
-            f"{x:g}x": round(((prompt_s + tokens * d1) / x - prompt_s) / tokens * 1000, 3) for x in TARGETS
+            f"{x:g}x": _ms(((prompt_s + tokens * d1) / x - prompt_s) / tokens) for x in TARGETS
         },
         "prompt_tokens_per_frame": per_frame,
-        "prompt_ms_per_token": round(p * 1000, 3),
-        "decode_ms_per_token": {str(b): round(v * 1000, 3) for b, v in per_token.items()},
+        "prompt_ms_per_token": _ms(p),
+        "decode_ms_per_token": {str(b): _ms(v) for b, v in per_token.items()},
         "tokens_per_frame": tokens,
         "ceiling_x": round(ceiling, 2),
     }
+
+
+def _ms(seconds: float) -> float:
+    """Milliseconds to four significant digits (a tiny model's costs are microseconds)."""
+    return float(f"{seconds * 1000:.4g}")
 
 
 def describe(c: dict[str, Any]) -> str:
