@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         nargs="+",
         default=None,
-        help="parallel engine sizes to run (default: 1 8 on the CPU, 1 4 8 for 7b)",
+        help="parallel engine sizes to run (default: 1 16 on the CPU, 1 4 8 for 7b)",
     )
     ap.add_argument("--n-gpu-layers", type=int, default=None, help="default: 0 for scaled, -1 for 7b")
     ap.add_argument("--models-dir", type=Path, default=None)
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. the machine)")
     args = ap.parse_args(argv)
     n_gpu_layers = args.n_gpu_layers if args.n_gpu_layers is not None else (-1 if args.size == "7b" else 0)
-    sizes = args.parallel or ([1, 4, 8] if args.size == "7b" else [1, 8])
+    sizes = args.parallel or ([1, 4, 8] if args.size == "7b" else [1, 16])
     logging.basicConfig(level=logging.ERROR)
     load_before = os.getloadavg()[0]
 

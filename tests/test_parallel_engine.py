@@ -19,9 +19,11 @@ from cinecut.inference.engine import LlavaEngine
 from cinecut.inference.models import SceneDescription
 from cinecut.inference.parallel import (
     CPU_AUTO_PARALLEL,
+    CPU_MAX_AUTO_PARALLEL,
     MAX_AUTO_PARALLEL,
     VRAM_RESERVE,
     ParallelLlavaEngine,
+    available_ram_bytes,
     choose_parallel,
     kv_cache_bytes,
 )
@@ -142,12 +144,12 @@ def test_kv_cache_is_sized_per_frame_and_logged(
     with ParallelLlavaEngine(
         tiny_llava.model_path, tiny_llava.mmproj_path, n_gpu_layers=0, parallel=0, max_tokens=100
     ) as eng:
-        assert eng.parallel == CPU_AUTO_PARALLEL  # auto on the CPU
+        assert eng.parallel == CPU_MAX_AUTO_PARALLEL  # auto on the CPU: the tiny model's KV fits 16 times
         assert eng.n_ctx_seq >= eng.prompt_tokens + 100 and eng.n_ctx_seq % 256 == 0
         assert eng.kv_bytes == (eng.parallel + 1) * kv_cache_bytes(
             2, 64, eng.n_ctx_seq
         )  # + the shared prefix
-    assert "parallel = auto: 8 sequences (CPU inference)" in caplog.text
+    assert "parallel = auto: 16 sequences (CPU inference: " in caplog.text
     assert "KV cache" in caplog.text
 
 
@@ -159,6 +161,32 @@ def test_auto_parallel_from_free_vram() -> None:
     assert choose_parallel(on_gpu=True, free_vram=gib // 2, kv_per_sequence=kv)[0] == 1  # never 0
     assert choose_parallel(on_gpu=True, free_vram=None, kv_per_sequence=kv)[0] == 2
     assert choose_parallel(on_gpu=False, free_vram=None, kv_per_sequence=kv)[0] == CPU_AUTO_PARALLEL
+    # On the CPU: a quarter of the available memory, between 1 and CPU_MAX_AUTO_PARALLEL.
+    assert choose_parallel(on_gpu=False, free_vram=None, kv_per_sequence=kv, available_ram=64 * gib)[0] == 16
+    assert choose_parallel(on_gpu=False, free_vram=None, kv_per_sequence=kv, available_ram=12 * gib)[0] == 6
+    assert choose_parallel(on_gpu=False, free_vram=None, kv_per_sequence=kv, available_ram=gib)[0] == 1
+
+
+def test_available_memory_is_the_kernels_figure_lowered_to_the_cgroups_limit(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:  1000 kB\nMemAvailable:   20000000 kB\n")
+    own = Path("/proc/self/cgroup").read_text().strip().splitlines()
+    rel = next((line.split(":", 2)[2] for line in own if line.startswith("0::")), None)
+    root = tmp_path / "cgroup"
+    assert available_ram_bytes(meminfo, root) == 20000000 * 1024  # no cgroup files: the kernel's figure
+    if rel is not None:  # cgroup v2: this process's own group, under a stand-in root
+        group = root / rel.lstrip("/")
+        group.mkdir(parents=True)
+        (group / "memory.max").write_text("max\n")
+        (group / "memory.current").write_text("5000000000\n")
+        assert available_ram_bytes(meminfo, root) == 20000000 * 1024
+        (group / "memory.max").write_text("8000000000\n")  # MemoryMax=8G with 5 GB in use: 3 GB left
+        assert available_ram_bytes(meminfo, root) == 3000000000
+    meminfo.write_text("MemTotal: 1 kB\n")  # a kernel without the figure: unknown
+    assert available_ram_bytes(meminfo, root) is None
+    assert available_ram_bytes(tmp_path / "missing", root) is None
+    real = available_ram_bytes()
+    assert real is not None and real > 0
 
 
 # ------------------------------------------------------------------------------- through the pipeline

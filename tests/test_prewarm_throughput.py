@@ -57,4 +57,4 @@ def test_status_shows_the_last_jobs_speed_and_the_nights_the_queue_needs(s: Setu
     assert "1 films left: 1 night" in human.stdout
     # The default `parallel = 0` reached the worker: it chose its batch size and logged the KV cache.
     started = next(r for r in d.logs("prewarm_started") if r["film"] == str(first))
-    assert "parallel = auto: 8 sequences (CPU inference)" in Path(started["log"]).read_text()
+    assert "parallel = auto: 16 sequences (CPU inference: " in Path(started["log"]).read_text()

@@ -48,9 +48,11 @@ from cinecut.inference.frame_feed import SYSTEM_MESSAGE, FrameFeeder, Prepared
 from cinecut.inference.models import SceneDescription, parse_scene_description
 from cinecut.inference.parallel_sizing import (
     CPU_AUTO_PARALLEL,
+    CPU_MAX_AUTO_PARALLEL,
     MAX_AUTO_PARALLEL,
     MAX_PARALLEL,
     VRAM_RESERVE,
+    available_ram_bytes,
     choose_parallel,
     free_vram_bytes,
     kv_cache_bytes,
@@ -60,8 +62,9 @@ from cinecut.inference.seq_sampling import DEFAULT_TEMPERATURE, SamplingParams, 
 from cinecut.inference.seqcontext import DecodeFailed, SequenceContext
 
 __all__ = [
-    "CPU_AUTO_PARALLEL", "MAX_AUTO_PARALLEL", "MAX_PARALLEL", "SYSTEM_MESSAGE", "VRAM_RESERVE",
-    "ParallelLlavaEngine", "choose_parallel", "free_vram_bytes", "kv_cache_bytes",
+    "CPU_AUTO_PARALLEL", "CPU_MAX_AUTO_PARALLEL", "MAX_AUTO_PARALLEL", "MAX_PARALLEL", "SYSTEM_MESSAGE",
+    "VRAM_RESERVE", "ParallelLlavaEngine", "available_ram_bytes", "choose_parallel", "free_vram_bytes",
+    "kv_cache_bytes",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -168,7 +171,10 @@ class ParallelLlavaEngine:
         if self.parallel == 0:
             on_gpu = n_gpu_layers != 0 and bool(lc.llama_supports_gpu_offload())
             self.parallel, why = choose_parallel(
-                on_gpu=on_gpu, free_vram=free_vram_bytes() if on_gpu else None, kv_per_sequence=kv_per_seq
+                on_gpu=on_gpu,
+                free_vram=free_vram_bytes() if on_gpu else None,
+                kv_per_sequence=kv_per_seq,
+                available_ram=None if on_gpu else available_ram_bytes(),
             )
             log.info("parallel = auto: %d sequences (%s)", self.parallel, why)
         # One more stream holds the prompt's text before the image (system message, "USER: "), the same
