@@ -576,12 +576,14 @@ PREWARM_KEYS: tuple[Key, ...] = (
     Key("model", "", _optional_abs_path, "Absolute path of the GGUF text model (required when enabled)."),
     Key("mmproj", "", _optional_abs_path, "Absolute path of the GGUF mmproj (required when enabled)."),
     Key("n_gpu_layers", -1, _integer(minimum=-1, maximum=100_000), "Layers offloaded to the GPU: -1 all, 0 CPU only."),
-    Key("n_ctx", 4096, _integer(minimum=512, maximum=1 << 20), "Context length of the model."),
+    Key("n_ctx", 4096, _integer(minimum=512, maximum=1 << 20),
+        "Accepted for compatibility: each frame gets the context its prompt and `max_tokens` need."),
     Key("max_tokens", 256, _integer(minimum=16, maximum=1 << 16), "Token budget of one frame's answer."),
     Key("parallel", 0, _integer(minimum=0, maximum=64),
         "Frames described at once in one batch (continuous batching, one KV cache each): 1 = one at a "
-        "time; 0 = as many KV caches as the free VRAM holds after loading the model (at most 8), or 8 "
-        "on the CPU; the worker logs the size and its KV cache (0 to 64)."),
+        "time; 0 = as many KV caches as the free VRAM holds after loading the model (at most 8), or on "
+        "the CPU as many as a quarter of the available memory holds (its cgroup's `MemoryMax=` counted; "
+        "at most 16); the worker logs the size and its KV cache (0 to 64)."),
     Key("settle_seconds", 60, _number(minimum=0, maximum=7 * DAY),
         "A film is queued once its size and mtime have not changed for this long (at most 604800)."),
     Key("gpu_lock", "/run/cinecut/gpu.lock", _abs_path,
