@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ from cinecut.pipeline import (
     DEFAULT_N_CTX,
     DEFAULT_VIBE,
     AnalysisResult,
+    AnalysisStopped,
     PipelineError,
     analyze,
     default_gpu_lock_path,
@@ -171,8 +173,26 @@ def _log_to(err: Console) -> None:
     logging.getLogger("cinecut.ingest.planning").setLevel(logging.ERROR)  # reported as warning events
 
 
-def _sigterm_as_interrupt(_sig: int, _frame: FrameType | None) -> None:
+#: Set by Ctrl-C or SIGTERM during ``cinecut analyze``; the pipeline's ``should_stop`` too.
+_interrupted = threading.Event()
+
+
+def _interrupt(_sig: int, _frame: FrameType | None) -> None:
+    """Stop now: raise KeyboardInterrupt where the main thread is, and leave the request standing.
+
+    Python raises it wherever the main thread happens to be, and that may be inside a ctypes callback
+    (llama.cpp's log lines come back through one), where ctypes reports the exception and drops it. The
+    standing request then stops the run after the frame in flight, its progress saved, like the raise.
+    """
+    _interrupted.set()
     raise KeyboardInterrupt
+
+
+def _install_interrupts() -> None:
+    _interrupted.clear()
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started with Ctrl-C ignored (nohup): keep it so
+        signal.signal(signal.SIGINT, _interrupt)
 
 
 def analyze_options(args: argparse.Namespace) -> AnalyzeOptions:
@@ -196,10 +216,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     display = _Display(out, err)
     _log_to(err)
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    _install_interrupts()
     try:
-        result: AnalysisResult = analyze(args.film, analyze_options(args), progress=display)
-    except KeyboardInterrupt:
+        result: AnalysisResult = analyze(
+            args.film, analyze_options(args), progress=display, should_stop=_interrupted.is_set
+        )
+    except (KeyboardInterrupt, AnalysisStopped):
         display.close_bar()
         err.print(
             "Interrupted: frames described so far are kept and the next run resumes from them.", markup=False

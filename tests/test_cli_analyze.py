@@ -188,8 +188,15 @@ def dense(tmp_path_factory, synthetic_film_template, tiny_llava, tmp_path: Path)
     return clone_film_dir(src, tmp_path / "lib" / "Dense Film")
 
 
-def test_film_changed_during_analysis_exits_4(dense: Path, model_env, tmp_path: Path) -> None:
-    proc = popen("analyze", dense, "--gpu-lock", tmp_path / "gpu.lock", "--n-gpu-layers", "0", env=model_env)
+@pytest.fixture
+def slow_env(model_env: dict[str, str]) -> dict[str, str]:
+    """The tiny model describes a frame in milliseconds: each frame is held open 0.1 s (a fault point),
+    so what a test does at the first progress line lands mid-inference however fast the machine."""
+    return model_env | {"CINECUTD_FAULTS": "slow:prewarm.after_frame"}
+
+
+def test_film_changed_during_analysis_exits_4(dense: Path, slow_env, tmp_path: Path) -> None:
+    proc = popen("analyze", dense, "--gpu-lock", tmp_path / "gpu.lock", "--n-gpu-layers", "0", env=slow_env)
     read_until(proc, "inference: 1/")
     with open(dense, "ab") as f:
         f.write(b"\0" * 1024)
@@ -199,10 +206,14 @@ def test_film_changed_during_analysis_exits_4(dense: Path, model_env, tmp_path: 
     assert not WorkDir.for_film(dense).cache_path.exists()
 
 
-def test_ctrl_c_keeps_described_frames_for_the_next_run(dense: Path, model_env, tmp_path: Path) -> None:
+def test_ctrl_c_keeps_described_frames_for_the_next_run(
+    dense: Path, model_env, slow_env, tmp_path: Path
+) -> None:
+    """Ctrl-C mid-inference exits 130 with the frames so far kept, also when the KeyboardInterrupt lands
+    in llama.cpp's log callback (ctypes drops an exception raised there): the stop request stands."""
     wd = WorkDir.for_film(dense)
     total = len(json.loads(wd.timestamps_path.read_text()))
-    proc = popen("analyze", dense, "--gpu-lock", tmp_path / "gpu.lock", "--n-gpu-layers", "0", env=model_env)
+    proc = popen("analyze", dense, "--gpu-lock", tmp_path / "gpu.lock", "--n-gpu-layers", "0", env=slow_env)
     read_until(proc, "inference: 1/")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=TIMEOUT)

@@ -26,6 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 60.0
 
 
+#: The tiny model describes a frame in milliseconds; this fault point holds each frame open 0.1 s.
+SLOW_FRAMES = "slow:prewarm.after_frame"
+
+
 class Worker:
     """A ``python -m cinecut.worker`` child whose JSON lines are parsed as they arrive."""
 
@@ -60,6 +64,8 @@ class Worker:
             "action",
             *extra,
         ]
+        if env is None:  # each frame 0.1 s longer: a signal sent at the first progress lands mid-inference
+            env = {**os.environ, "CINECUTD_FAULTS": SLOW_FRAMES}
         self.proc = subprocess.Popen(
             argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )

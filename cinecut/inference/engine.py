@@ -82,8 +82,8 @@ def _route_native_logs() -> None:
                 if line:
                     _native_tail.append((py_level, line))
                     native_log.debug("%s", line)
-            except Exception:  # a callback from C must never raise
-                pass
+            except BaseException:  # a callback from C must never raise; a Ctrl-C landing here is not lost:
+                pass  # the CLI's handler leaves a standing stop request that ends the run after this frame
 
         llama_cpp.llama_log_set(callback, None)
         mtmd_cpp.mtmd_log_set(callback, None)
